@@ -1,0 +1,44 @@
+# Two commands do all the set-up: `make demo` and `make test`. Both build .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_OUT ?= demo-out
+
+.PHONY: demo test lint bench bench-dedupe lock clean-demo venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,s3]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -c "import pipeline, ray, torch, torchvision, imagehash" 
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m pipeline.demo --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: bench-dedupe
+
+bench-dedupe: $(STAMP)
+	$(PY) bench/dedupe.py
+
+# Re-resolve the pins from pyproject.toml into constraints.txt (needs the registry).
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet '.[dev,s3]'
+	( echo '# Exact pins for every install of cropclean (make uses it as a pip constraints file).'; \
+	  echo '# Regenerate with: make lock'; \
+	  .lock-venv/bin/pip freeze --exclude cropclean ) > constraints.txt
+	rm -rf .lock-venv
+
+clean-demo:
+	rm -rf $(DEMO_OUT)

@@ -1,0 +1,14 @@
+"""Ray job: ``python -m jobs.ingest SOURCE --out OUT [--preset P] [--set K=V ...]``.
+
+Takes the same arguments as ``cropclean ingest`` and connects to the cluster it is submitted to
+(``RAY_ADDRESS``), or starts a local instance.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pipeline.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["ingest", *sys.argv[1:]]))

@@ -1,0 +1,278 @@
+"""The run config: one YAML file describes a run. Validated on load with clear, key-naming errors."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A run config is invalid; the message names the key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceConfig(_Section):
+    uri: str = Field(
+        description="Dataset root (food101, imagefolder) or list file (urllist); any fsspec URI."
+    )
+    kind: Literal["auto", "food101", "imagefolder", "urllist"] = "auto"
+    name: str | None = Field(None, description="Name recorded in the images manifest; default: the kind.")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(
+        None, description="Cluster address; default: RAY_ADDRESS, else a local instance."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local instance.")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs for a local instance.")
+
+
+class NormalizeConfig(_Section):
+    min_side: int = Field(64, ge=1, description="Reject images whose short side is below this (after EXIF).")
+    max_pixels: int = Field(50_000_000, ge=1, description="Reject larger images as decompression bombs.")
+    max_bytes: int = Field(
+        64 * 2**20, ge=1, description="Reject files larger than this without reading them whole."
+    )
+    target_side: int = Field(256, ge=8, description="Resize so that the chosen side has this length.")
+    resize_side: Literal["short", "long"] = "short"
+    upscale: bool = Field(False, description="Also enlarge images smaller than the target.")
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    shard_size: int = Field(256, ge=1, description="Images per task; also the unit of resume.")
+
+
+class DedupeConfig(_Section):
+    enabled: bool = True
+    radius: int = Field(10, ge=0, le=32, description="Near duplicates: pHash Hamming distance at most this.")
+    method: Literal["lsh", "exact"] = Field("lsh", description="lsh: bit-sampling tables; exact: all pairs.")
+    lsh_tables: int = Field(48, ge=1, description="Number of bit-sampling hash tables.")
+    lsh_bits: int = Field(18, ge=1, le=40, description="Bits sampled per table (bucket key width).")
+    lsh_seed: int = 0
+    partitions: int = Field(
+        8, ge=1, description="Bucket partitions (groupby shards); also the unit of resume."
+    )
+    keep: Literal["largest", "first"] = Field("largest", description="Which member of a group stays.")
+
+
+class SplitConfig(_Section):
+    train: float = Field(0.8, ge=0, le=1)
+    val: float = Field(0.1, ge=0, le=1)
+    test: float = Field(0.1, ge=0, le=1)
+    val_from_train: float = Field(
+        0.1, ge=0, lt=1, description="When the source gives train/test only: share of train moved to val."
+    )
+    salt: str = Field("cropclean", description="Hash salt; change it to draw a different split.")
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split.train + split.val + split.test must be 1, got {total:g}")
+        return self
+
+
+class BalanceConfig(_Section):
+    max_per_class: int | None = Field(
+        None, ge=1, description="Keep at most this many train images per class."
+    )
+    min_per_class: int = Field(1, ge=0, description="Drop classes with fewer usable images than this.")
+
+
+class RunConfig(_Section):
+    out: str = Field(description="Output URI of the run (local path, s3://...).")
+    sources: list[SourceConfig] = Field(min_length=1)
+    ray: RayConfig = RayConfig()
+    normalize: NormalizeConfig = NormalizeConfig()
+    dedupe: DedupeConfig = DedupeConfig()
+    split: SplitConfig = SplitConfig()
+    balance: BalanceConfig = BalanceConfig()
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> RunConfig:
+        names = [s.name or s.kind for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"sources: names must be unique, repeated: {dupes}; set sources[i].name")
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """A short hash of the named config sections: what a stage's completion depends on."""
+        doc = {s: _dump(getattr(self, s)) for s in sections}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_dump(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(presets())}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_set(doc: dict[str, Any], assignment: str) -> dict[str, Any]:
+    """Apply one ``a.b.c=value`` override; the value is parsed as YAML (``5``, ``true``, ``[a, b]``)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. dedupe.radius=8")
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    parts = key.strip().split(".")
+    doc = json.loads(json.dumps(doc))  # deep copy of plain data
+    node: Any = doc
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    f"--set {key}: {'.'.join(parts[:i])} has {len(node)} items; {part!r} is no index"
+                )
+            idx = int(part)
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        else:
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+    return doc
+
+
+def build_config(
+    doc: dict[str, Any] | None = None,
+    *,
+    preset: str | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+) -> RunConfig:
+    """Defaults, then the preset (argument or the document's ``preset:`` key), the document, --set."""
+    doc = dict(doc or {})
+    preset = preset or doc.pop("preset", None)
+    merged = deep_merge(load_preset(preset), doc) if preset else doc
+    for assignment in sets:
+        merged = apply_set(merged, assignment)
+    return validate_config(merged)
+
+
+def load_config_file(uri: str) -> dict[str, Any]:
+    from pipeline import storage
+
+    try:
+        doc = yaml.safe_load(storage.read_text(uri))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{uri}: not valid YAML: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{uri}: no such config file") from exc
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{uri}: a run config is a mapping of sections, got {type(doc).__name__}")
+    return doc
+
+
+def validate_config(doc: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(doc)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
+# ------------------------------------------------------------------------------------------ error text
+
+_TYPE_NAMES = {
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that holds the field at ``loc`` (for listing allowed keys)."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        where = ".".join(str(p) for p in loc) or "(config)"
+        etype = err["type"]
+        if etype == "extra_forbidden":
+            model = _model_at(loc)
+            allowed = sorted(model.model_fields) if model else []
+            key = str(loc[-1])
+            hint = difflib.get_close_matches(key, allowed, n=1)
+            msg = f"unknown key {where!r}"
+            if hint:
+                msg += f" (did you mean {hint[0]!r}?)"
+            msg += f"; allowed keys here: {', '.join(allowed)}"
+        elif etype == "missing":
+            msg = f"{where}: required key is missing"
+        elif etype == "literal_error":
+            expected = err["msg"].replace("Input should be", "expected")
+            msg = f"{where}: {err['input']!r} is not allowed; {expected}"
+        elif etype in _TYPE_NAMES:
+            got = err["input"]
+            msg = f"{where}: expected {_TYPE_NAMES[etype]}, got {got!r} ({type(got).__name__})"
+        else:
+            msg = f"{where}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err else "")
+        lines.append(msg)
+    return "invalid run config:\n  " + "\n  ".join(lines)

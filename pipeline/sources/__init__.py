@@ -1,0 +1,61 @@
+"""Sources turn a dataset location into candidate rows: one per input file or URL.
+
+A candidate is ``{source, source_key, locator, label, split, url}``: ``source_key`` is the path relative to
+the source root (or the URL), ``locator`` is the URI the bytes are read from (kept as UTF-8 bytes with
+surrogate escapes, so that file names that are not valid UTF-8 still round-trip), ``split`` is the split
+the source itself declares (or None).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pipeline import storage
+from pipeline.config import SourceConfig
+
+
+class SourceError(ValueError):
+    """A source is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    source: str
+    source_key: str
+    locator: bytes
+    label: str | None
+    split: str | None
+    url: str | None = None
+
+
+def encode_locator(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape")
+
+
+def decode_locator(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def display_key(key: str) -> str:
+    """A key safe to store as Parquet text: undecodable bytes become backslash escapes."""
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def detect_kind(uri: str) -> str:
+    """Guess a source's kind from what is at ``uri``."""
+    if storage.exists(storage.join(uri, "meta", "train.txt")):
+        return "food101"
+    lowered = uri.lower()
+    if lowered.endswith((".csv", ".txt", ".parquet", ".tsv")):
+        return "urllist"
+    return "imagefolder"
+
+
+def iter_candidates(cfg: SourceConfig) -> Iterator[Candidate]:
+    from pipeline.sources import food101, imagefolder, urllist
+
+    kind = cfg.kind if cfg.kind != "auto" else detect_kind(cfg.uri)
+    name = cfg.name or kind
+    readers = {"food101": food101.read, "imagefolder": imagefolder.read, "urllist": urllist.read}
+    yield from readers[kind](cfg.uri, name)

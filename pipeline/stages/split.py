@@ -1,0 +1,109 @@
+"""Stage ``split``: balance classes and assign train/val/test deterministically; writes the images manifest.
+
+Splits the source declares are kept (Food-101's train/test; an ImageFolder's train/val/test folders).
+When the source gives train and test only, a share of each class's train images moves to val. When it
+gives none, each class is split by the configured fractions. Order within a class is a salted hash of
+``image_id``, so the same inputs always give the same split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+
+from pipeline import manifests
+from pipeline.reasons import Reason, Status
+from pipeline.stages.base import RunContext, Stage
+from pipeline.stages.dedupe import images_uri as deduped_images_uri
+
+
+def hash_rank(image_ids: pd.Series, salt: str) -> pd.Series:
+    """A deterministic pseudo-random number in [0, 1) per image."""
+    return image_ids.map(
+        lambda i: int(hashlib.sha256(f"{salt}\x00{i}".encode()).hexdigest()[:12], 16) / 16**12
+    )
+
+
+def _assign_by_fraction(idx: pd.Index, rank: pd.Series, fractions: list[tuple[str, float]]) -> pd.Series:
+    """Stratified assignment within one class: the lowest ranks go to the first split, and so on."""
+    ordered = rank.loc[idx].sort_values(kind="stable").index
+    n = len(ordered)
+    bounds = np.round(np.cumsum([f for _, f in fractions]) * n).astype(int)
+    out = pd.Series(index=ordered, dtype=object)
+    start = 0
+    for (name, _), end in zip(fractions, bounds, strict=True):
+        out.iloc[start:end] = name
+        start = end
+    out.iloc[start:] = fractions[-1][0]
+    return out
+
+
+class SplitStage(Stage):
+    name = "split"
+    config_sections: ClassVar[tuple[str, ...]] = ("split", "balance")
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        cfg, bal = ctx.cfg.split, ctx.cfg.balance
+        images = manifests.read_manifest("images", deduped_images_uri(ctx))
+        ok = images["status"] == Status.OK
+        unlabeled = ok & images["label"].isna()
+        images.loc[unlabeled, ["status", "reason", "detail"]] = [
+            Status.REJECTED.value,
+            Reason.UNLABELED.value,
+            "no label",
+        ]
+        ok &= ~unlabeled
+        rank = hash_rank(images["image_id"], cfg.salt)
+
+        given = images["split"].where(ok)
+        new_split = given.copy()
+        for _, grp in images[ok].groupby("label"):
+            has = grp["split"].notna()
+            if has.all():
+                train = grp.index[grp["split"].eq("train")]
+                if cfg.val_from_train and not grp["split"].eq("val").any() and len(train) > 1:
+                    val_frac = cfg.val_from_train
+                    new_split.loc[train] = _assign_by_fraction(
+                        train, rank, [("val", val_frac), ("train", 1 - val_frac)]
+                    )
+            else:  # the source gives no split for these: draw one
+                fr = [("train", cfg.train), ("val", cfg.val), ("test", cfg.test)]
+                new_split.loc[grp.index[~has]] = _assign_by_fraction(
+                    grp.index[~has], rank, [f for f in fr if f[1] > 0]
+                )
+        images["split"] = new_split.where(ok)
+
+        # Balance: classes below the minimum leave; train is capped per class (lowest ranks stay).
+        counts = images[ok].groupby("label").size()
+        small = counts[counts < bal.min_per_class].index
+        drop_small = ok & images["label"].isin(small)
+        images.loc[drop_small, ["status", "reason", "detail"]] = [
+            Status.REJECTED.value,
+            Reason.CLASS_TOO_SMALL.value,
+            f"class has fewer than {bal.min_per_class} images",
+        ]
+        ok &= ~drop_small
+        capped = 0
+        if bal.max_per_class:
+            train = images[ok & images["split"].eq("train")].assign(_rank=rank)
+            over = train.sort_values("_rank").groupby("label").cumcount() >= bal.max_per_class
+            over_idx = over[over].index
+            images.loc[over_idx, ["status", "reason", "detail"]] = [
+                Status.REJECTED.value,
+                Reason.CLASS_CAP.value,
+                f"over the cap of {bal.max_per_class} train images",
+            ]
+            capped = len(over_idx)
+        images.loc[images["status"] != Status.OK, "split"] = None
+        manifests.write_manifest("images", images, ctx.manifest("images"))
+        final = images[images["status"] == Status.OK]
+        return {
+            "ok": len(final),
+            "per_split": final["split"].value_counts().sort_index().to_dict(),
+            "classes": int(final["label"].nunique()),
+            "classes_dropped": len(small),
+            "capped": capped,
+        }

@@ -1,0 +1,90 @@
+"""All file I/O goes through fsspec URIs: local paths, ``memory://``, ``s3://`` (with the ``s3`` extra)."""
+
+from __future__ import annotations
+
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def get_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem of ``uri`` and the path inside it."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with '/', keeping the scheme of ``base``."""
+    if not parts:
+        return base
+    return posixpath.join(base.rstrip("/"), *[p.strip("/") for p in parts])
+
+
+def protocol_of(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def exists(uri: str) -> bool:
+    fs, path = get_fs(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = get_fs(uri)
+    return fs.cat_file(path)
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write ``data`` so that readers never see a partial file.
+
+    Local and memory filesystems: a temporary name in the same folder, then a rename. Object stores
+    (S3, GCS) publish an object only once its upload completes, so a single put is already atomic.
+    """
+    fs, path = get_fs(uri)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if isinstance(fs, LocalFileSystem) or protocol_of(uri) == "memory":
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_text_atomic(uri: str, text: str) -> None:
+    write_bytes_atomic(uri, text.encode("utf-8"))
+
+
+def makedirs(uri: str) -> None:
+    fs, path = get_fs(uri)
+    fs.makedirs(path, exist_ok=True)
+
+
+def remove(uri: str, recursive: bool = False) -> None:
+    fs, path = get_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Files directly under the folder ``uri`` (full URIs, sorted); empty when the folder is missing."""
+    fs, path = get_fs(uri)
+    if not fs.exists(path):
+        return []
+    entries = fs.ls(path, detail=True)
+    names = [e["name"] for e in entries if e.get("type") == "file" and e["name"].endswith(suffix)]
+    return sorted(join(uri, posixpath.basename(n)) for n in names)
+
+
+def storage_options(uri: str) -> dict[str, Any]:
+    """Keyword arguments for pyarrow/Ray readers that take a filesystem."""
+    fs, _ = get_fs(uri)
+    return {"filesystem": fs}
