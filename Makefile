@@ -28,13 +28,18 @@ lint: $(STAMP)
 
 bench: bench-dedupe
 
-bench-dedupe: $(STAMP)
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,s3,bench]' 2>&1 | grep -v '^WARNING: Location' || true
+	@touch $(BENCH_STAMP)
+
+bench-dedupe: $(BENCH_STAMP)
 	$(PY) bench/dedupe.py
 
 # Re-resolve the pins from pyproject.toml into constraints.txt (needs the registry).
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/pip install --quiet '.[dev,s3]'
+	.lock-venv/bin/pip install --quiet '.[dev,s3,bench]'
 	( echo '# Exact pins for every install of cropclean (make uses it as a pip constraints file).'; \
 	  echo '# Regenerate with: make lock'; \
 	  .lock-venv/bin/pip freeze --exclude cropclean ) > constraints.txt

@@ -6,7 +6,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -26,7 +26,9 @@ class SourceConfig(_Section):
     uri: str = Field(
         description="Dataset root (food101, imagefolder) or list file (urllist); any fsspec URI."
     )
-    kind: Literal["auto", "food101", "imagefolder", "urllist"] = "auto"
+    kind: Literal["auto", "food101", "imagefolder", "urllist"] = Field(
+        "auto", description="Layout of the source; auto detects meta/train.txt, list files, else ImageFolder."
+    )
     name: str | None = Field(None, description="Name recorded in the images manifest; default: the kind.")
 
 
@@ -45,19 +47,19 @@ class NormalizeConfig(_Section):
         64 * 2**20, ge=1, description="Reject files larger than this without reading them whole."
     )
     target_side: int = Field(256, ge=8, description="Resize so that the chosen side has this length.")
-    resize_side: Literal["short", "long"] = "short"
+    resize_side: Literal["short", "long"] = Field("short", description="Which side target_side applies to.")
     upscale: bool = Field(False, description="Also enlarge images smaller than the target.")
-    jpeg_quality: int = Field(90, ge=1, le=100)
+    jpeg_quality: int = Field(90, ge=1, le=100, description="Quality of the re-encoded JPEG blobs.")
     shard_size: int = Field(256, ge=1, description="Images per task; also the unit of resume.")
 
 
 class DedupeConfig(_Section):
-    enabled: bool = True
+    enabled: bool = Field(True, description="Turn duplicate grouping off (every image stays).")
     radius: int = Field(10, ge=0, le=32, description="Near duplicates: pHash Hamming distance at most this.")
     method: Literal["lsh", "exact"] = Field("lsh", description="lsh: bit-sampling tables; exact: all pairs.")
-    lsh_tables: int = Field(48, ge=1, description="Number of bit-sampling hash tables.")
-    lsh_bits: int = Field(18, ge=1, le=40, description="Bits sampled per table (bucket key width).")
-    lsh_seed: int = 0
+    lsh_tables: int = Field(64, ge=1, description="Number of bit-sampling hash tables.")
+    lsh_bits: int = Field(17, ge=1, le=40, description="Bits sampled per table (bucket key width).")
+    lsh_seed: int = Field(0, description="Seed of the sampled bit positions.")
     partitions: int = Field(
         8, ge=1, description="Bucket partitions (groupby shards); also the unit of resume."
     )
@@ -65,9 +67,11 @@ class DedupeConfig(_Section):
 
 
 class SplitConfig(_Section):
-    train: float = Field(0.8, ge=0, le=1)
-    val: float = Field(0.1, ge=0, le=1)
-    test: float = Field(0.1, ge=0, le=1)
+    train: float = Field(
+        0.8, ge=0, le=1, description="Share of each class for train when the source gives no split."
+    )
+    val: float = Field(0.1, ge=0, le=1, description="Share for val when the source gives no split.")
+    test: float = Field(0.1, ge=0, le=1, description="Share for test when the source gives no split.")
     val_from_train: float = Field(
         0.1, ge=0, lt=1, description="When the source gives train/test only: share of train moved to val."
     )
@@ -90,12 +94,12 @@ class BalanceConfig(_Section):
 
 class RunConfig(_Section):
     out: str = Field(description="Output URI of the run (local path, s3://...).")
-    sources: list[SourceConfig] = Field(min_length=1)
-    ray: RayConfig = RayConfig()
-    normalize: NormalizeConfig = NormalizeConfig()
-    dedupe: DedupeConfig = DedupeConfig()
-    split: SplitConfig = SplitConfig()
-    balance: BalanceConfig = BalanceConfig()
+    sources: list[SourceConfig] = Field(min_length=1, description="Where the images come from (one or more).")
+    ray: RayConfig = Field(RayConfig(), description="Which Ray cluster runs the stages.")
+    normalize: NormalizeConfig = Field(NormalizeConfig(), description="Decoding, validation and resizing.")
+    dedupe: DedupeConfig = Field(DedupeConfig(), description="Exact and near duplicate grouping.")
+    split: SplitConfig = Field(SplitConfig(), description="Train/val/test assignment.")
+    balance: BalanceConfig = Field(BalanceConfig(), description="Per-class caps and minimums.")
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> RunConfig:
@@ -276,3 +280,60 @@ def _explain(exc: ValidationError) -> str:
             msg = f"{where}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err else "")
         lines.append(msg)
     return "invalid run config:\n  " + "\n  ".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- reference
+
+
+def _type_text(ann: Any) -> str:
+    origin, args = get_origin(ann), get_args(ann)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return "section"
+    if origin is Literal:
+        return "one of " + ", ".join(f"`{a}`" for a in args)
+    if origin in (list, tuple):
+        return "list of " + ("sections" if args and issubclass(args[0], BaseModel) else _type_text(args[0]))
+    if args and type(None) in args:
+        return " or ".join(_type_text(a) for a in args if a is not type(None)) + " or null"
+    return getattr(ann, "__name__", str(ann))
+
+
+def reference_markdown() -> str:
+    """docs/config.md: every section and key with its type, default and meaning (generated)."""
+    lines = [
+        "# Run config reference",
+        "",
+        "Generated from `pipeline/config.py` by `python -m pipeline.config > docs/config.md`.",
+        "",
+    ]
+
+    def describe(model: type[BaseModel], prefix: str) -> None:
+        lines.extend(
+            [
+                f"## `{prefix.rstrip('.')}`" if prefix else "## Top level",
+                "",
+                "| key | type | default | meaning |",
+                "|---|---|---|---|",
+            ]
+        )
+        nested = []
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            inner = get_args(ann)[0] if get_origin(ann) is list else ann
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                nested.append((inner, f"{prefix}{name}{'[]' if inner is not ann else ''}."))
+            default = "required" if field.is_required() else f"`{json.dumps(_dump(field.default))}`"
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                default = "see below"
+            lines.append(f"| `{name}` | {_type_text(ann)} | {default} | {field.description or ''} |")
+        lines.append("")
+        for sub, path in nested:
+            describe(sub, path)
+
+    describe(RunConfig, "")
+    lines.append(f"Presets (`--preset NAME`, files in `pipeline/presets/`): {', '.join(presets())}.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -34,14 +34,21 @@ def ensure_ray(cfg: RayConfig) -> None:
             include_dashboard=False,
             logging_level=logging.WARNING,
         )
-    quiet_ray_data()
+    configure_ray_data()
 
 
-def quiet_ray_data() -> None:
-    """Ray Data's bars on a terminal; otherwise only warnings, so logs of batch jobs stay readable."""
+def configure_ray_data() -> None:
+    """Ray Data settings for every cropclean driver.
+
+    Sort-based shuffles run as plain tasks: a groupby never waits for hash-shuffle aggregator actors to
+    get CPUs, which stalls on one-CPU or busy clusters. Bars on a terminal; otherwise only warnings, so
+    the logs of batch jobs stay readable.
+    """
     import ray
+    from ray.data.context import ShuffleStrategy
 
     ctx = ray.data.DataContext.get_current()
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     ctx.enable_progress_bars = os.isatty(2)
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False

@@ -12,11 +12,11 @@ import pytest
 def ray_local():
     import ray
 
-    from pipeline.runner import quiet_ray_data
+    from pipeline.runner import configure_ray_data
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    quiet_ray_data()
+    configure_ray_data()
     yield ray
     ray.shutdown()
 

@@ -107,3 +107,12 @@ def test_cli_validate(tmp_path, capsys):
     notyaml = tmp_path / "list.yaml"
     notyaml.write_text("- a\n- b\n")
     assert main(["validate", str(notyaml)]) == 2
+
+
+def test_config_reference_doc_is_current():
+    from pathlib import Path
+
+    from pipeline.config import reference_markdown
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "config.md"
+    assert doc.read_text() == reference_markdown(), "regenerate: python -m pipeline.config > docs/config.md"

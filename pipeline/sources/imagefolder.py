@@ -29,8 +29,7 @@ IMAGE_SUFFIXES = (
 
 
 def _is_candidate(name: str) -> bool:
-    base = posixpath.basename(name)
-    return not base.startswith(".") and base.lower().endswith(IMAGE_SUFFIXES)
+    return name.lower().endswith(IMAGE_SUFFIXES)
 
 
 def _dirs(fs, path: str) -> list[str]:

@@ -25,6 +25,9 @@ from pipeline.stages.base import Resources, RunContext, Stage
 from pipeline.stages.normalize import images_uri as normalized_images_uri
 
 
+DUP_COLUMNS = manifests.load_schema("duplicates").names
+
+
 def images_uri(ctx: RunContext) -> str:
     return storage.join(ctx.stage_dir(DedupeStage.name), "images.parquet")
 
@@ -135,9 +138,7 @@ def group_duplicates(
     sizes = ok["_comp"].map(ok["_comp"].value_counts())
     dup = ok[sizes > 1].copy()
     if dup.empty:
-        return pd.DataFrame(
-            columns=["image_id", "group_id", "kept_id", "kind", "distance", "cross_label", "cross_split"]
-        )
+        return pd.DataFrame(columns=[*DUP_COLUMNS, "split"])
     dup["_area"] = dup["orig_width"].astype("int64") * dup["orig_height"].astype("int64")
     dup["_is_test"] = dup["split"].eq("test")
     sort_cols = (
@@ -155,9 +156,7 @@ def group_duplicates(
     dup["distance"] = neardup.popcount(neardup.hex_to_u64(dup["phash"].tolist()) ^ kept_hash).astype(np.int32)
     dup["cross_label"] = dup["_comp"].map(dup.groupby("_comp")["label"].nunique(dropna=False) > 1)
     dup["cross_split"] = dup["_comp"].map(dup.groupby("_comp")["_is_test"].nunique() > 1)
-    return dup.sort_values(["group_id", "image_id"])[
-        ["image_id", "group_id", "kept_id", "kind", "distance", "cross_label", "cross_split", "split"]
-    ]
+    return dup.sort_values(["group_id", "image_id"])[[*DUP_COLUMNS, "split"]]
 
 
 class DedupeStage(Stage):

@@ -130,7 +130,9 @@ def run_shard(
     cands = _table_from_bytes(item["rows"]).to_pylist()
     rows = [process_candidate(c, params, max_bytes, out) for c in cands]
     uri = storage.join(shard_dir, f"shard-{shard:06d}.parquet")
-    manifests.write_manifest("images", pa.Table.from_pylist(rows), uri)
+    # An explicit schema: rows differ in which keys they carry (a rejected row has no hashes).
+    table = pa.Table.from_pylist(rows, schema=manifests.load_schema("images").arrow_schema())
+    manifests.write_manifest("images", table, uri)
     return {"shard": shard, "rows": len(rows)}
 
 

@@ -1,0 +1,191 @@
+"""End-to-end ingest on a real local Ray instance over generated data with ground truth."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline import manifests
+from pipeline.faults import FaultPlan
+from pipeline.ingest import run_ingest
+from pipeline.quality import duplicate_pair_scores
+from tests.conftest import ingest_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def read(out: Path, name: str) -> pd.DataFrame:
+    return manifests.read_manifest(name, str(out / "manifests" / f"{name}.parquet"))
+
+
+@pytest.fixture(scope="module")
+def ingested(ray_local, small_dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ingest") / "run"
+    run_ingest(ingest_config(small_dataset, out))
+    return out
+
+
+def test_every_input_has_exactly_one_row_with_the_right_reason(ingested, small_truth):
+    images = read(ingested, "images")
+    assert images["image_id"].is_unique and images["source_key"].is_unique
+    assert sorted(images["source_key"]) == sorted(small_truth["source_key"])
+    merged = small_truth.merge(images, on="source_key")
+    bad = merged[merged["expected_status"] != "ok"]
+    assert set(bad["kind"]) == {"too_small", "truncated", "zero_byte", "html", "svg", "decompression_bomb"}
+    assert (bad["status"] == bad["expected_status"]).all(), bad[["kind", "status", "reason"]]
+    assert (bad["reason"] == bad["expected_reason"]).all(), bad[["kind", "reason", "expected_reason"]]
+    good = merged[(merged["expected_status"] == "ok") & merged["duplicate_of"].isna()]
+    # A good image is lost only to dedupe (as the kept copy's partner), never to a bad neighbour.
+    lost = good[good["status"] != "ok"]
+    assert lost["reason"].str.startswith("duplicate").all(), lost[["kind", "reason"]]
+    for kind in ("cmyk", "palette", "grayscale", "rgba", "png16", "exif_rotated", "animated_gif"):
+        assert (merged.loc[merged["kind"] == kind, "status"] == "ok").all(), kind
+
+
+def test_normalized_images_exist_and_match_sizes(ingested, small_truth):
+    from PIL import Image
+
+    images = read(ingested, "images")
+    ok = images[images["path"].notna()]
+    assert len(ok) > 0
+    for row in ok.head(20).itertuples():
+        with Image.open(ingested / row.path) as im:
+            assert im.size == (row.width, row.height) and im.mode == "RGB"
+            assert min(im.size) == min(128, min(row.orig_width, row.orig_height))
+    rotated = small_truth[small_truth["kind"] == "exif_rotated"].merge(images, on="source_key")
+    assert (rotated["orig_width"] == rotated["width_x"]).all()  # upright size, as ground truth records
+
+
+def test_duplicates_found_and_flagged(ingested, small_truth):
+    images, dups = read(ingested, "images"), read(ingested, "duplicates")
+    scores = duplicate_pair_scores(images, dups, small_truth)
+    assert scores["precision"] >= 0.95 and scores["recall"] >= 0.9, scores
+    assert dups.groupby("group_id")["kept_id"].nunique().eq(1).all()
+    kept = images.set_index("image_id").loc[dups["kept_id"].unique()]
+    assert (kept["status"] == "ok").all()
+    # A copy under another label is a label conflict; a train copy of a test image leaves train.
+    keyed = dups.merge(images[["image_id", "source_key", "split", "status", "reason"]], on="image_id")
+    truth = small_truth.set_index("source_key")
+    for key in truth.index[truth["cross_label"]]:
+        row = keyed[keyed["source_key"] == key]
+        if len(row):
+            assert row["cross_label"].all()
+    leaks = keyed[keyed["cross_split"] & keyed["reason"].eq("duplicate_of_test")]
+    assert len(leaks) >= 1
+    assert (images.set_index("image_id").loc[leaks["kept_id"], "split"] == "test").all()
+
+
+def test_split_respects_source_and_is_stratified(ingested, small_truth):
+    images = read(ingested, "images")
+    ok = images[images["status"] == "ok"].merge(small_truth[["source_key", "split"]], on="source_key",
+                                                  suffixes=("", "_source"))
+    assert (ok.loc[ok["split_source"] == "test", "split"] == "test").all()
+    assert set(ok.loc[ok["split_source"] == "train", "split"]) == {"train", "val"}
+    assert (ok.groupby("label")["split"].apply(lambda s: (s == "val").sum()) >= 1).all()
+    assert images.loc[images["status"] != "ok", "split"].isna().all()
+
+
+def test_rerun_gives_identical_manifests_and_skips_everything(ingested, small_dataset, ray_local):
+    before = {n: read(ingested, n) for n in ("images", "duplicates")}
+    report, _ = run_ingest(ingest_config(small_dataset, ingested))
+    assert report.ran == [] and report.skipped == ["sources", "normalize", "dedupe", "split"]
+    for name, df in before.items():
+        pd.testing.assert_frame_equal(read(ingested, name), df)
+    metrics = json.loads((ingested / "metrics.json").read_text())
+    assert metrics["ingest"]["images"] == len(before["images"])
+
+
+def test_ids_are_stable_across_runs(ingested, small_dataset, tmp_path, ray_local):
+    other = tmp_path / "run2"
+    run_ingest(ingest_config(small_dataset, other))
+    for name in ("images", "duplicates"):
+        pd.testing.assert_frame_equal(read(other, name), read(ingested, name))
+
+
+def test_config_change_reruns_that_stage_and_later_ones_only(ingested, small_dataset, tmp_path, ray_local):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(ingested, out)
+    report, _ = run_ingest(ingest_config(small_dataset, out, "dedupe.radius=4"))
+    assert report.skipped == ["sources", "normalize"] and report.ran == ["dedupe", "split"]
+    report, _ = run_ingest(ingest_config(small_dataset, out, "dedupe.radius=4", "split.salt=other"))
+    assert report.ran == ["split"]
+
+
+def test_resume_after_a_failing_dedupe_shard(ray_local, small_dataset, tmp_path):
+    reference = tmp_path / "reference"
+    run_ingest(ingest_config(small_dataset, reference))
+
+    out = tmp_path / "interrupted"
+    cfg = ingest_config(small_dataset, out, "dedupe.partitions=4")
+    with pytest.raises(Exception, match="injected failure in dedupe shard 2"):
+        run_ingest(cfg, faults=FaultPlan(frozenset({("dedupe", 2)})))
+    assert (out / "stages" / "normalize" / "_COMPLETE.json").exists()
+    assert not (out / "stages" / "dedupe" / "_COMPLETE.json").exists()
+    assert not (out / "manifests" / "images.parquet").exists()
+    shard_dir = next((out / "stages" / "dedupe").glob("shards-*"))
+    finished = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("pairs-*.parquet")}
+    assert "pairs-00002.parquet" not in finished
+
+    report, _ = run_ingest(cfg, faults=FaultPlan())
+    assert report.skipped == ["sources", "normalize"]
+    assert report.results["dedupe"].stats["partitions_reused"] == len(finished)
+    for name, mtime in finished.items():  # finished partitions were not redone
+        assert (shard_dir / name).stat().st_mtime_ns == mtime
+    assert (shard_dir / "pairs-00002.parquet").exists()
+    for name in ("images", "duplicates"):
+        pd.testing.assert_frame_equal(read(out, name), read(reference, name))
+
+
+def test_resume_after_a_failing_normalize_shard(ray_local, small_dataset, tmp_path):
+    out = tmp_path / "run"
+    cfg = ingest_config(small_dataset, out, "normalize.shard_size=16")
+    with pytest.raises(Exception, match="injected failure in normalize shard 1"):
+        run_ingest(cfg, faults=FaultPlan(frozenset({("normalize", 1)})))
+    shard_dir = next((out / "stages" / "normalize").glob("shards-*"))
+    finished = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("shard-*.parquet")}
+    report, _ = run_ingest(cfg, faults=FaultPlan())
+    stats = report.results["normalize"].stats
+    assert stats["shards_reused"] == len(finished) and stats["shards"] > len(finished)
+    assert all((shard_dir / n).stat().st_mtime_ns == m for n, m in finished.items())
+    assert len(read(out, "images")) == stats["images"]
+
+
+def test_url_list_source_marks_http_entries_for_the_crawler(ray_local, small_dataset, tmp_path):
+    truth = pd.read_parquet(small_dataset / "ground_truth.parquet")
+    ok_keys = truth.loc[truth["kind"] == "clean", ["source_key", "given_label"]].head(6)
+    lines = [f"{small_dataset / k},{lab}" for k, lab in ok_keys.itertuples(index=False)]
+    lines += ["https://images.example.org/pho.jpg,pho", f"{small_dataset}/images/missing.jpg,pho"]
+    (tmp_path / "urls.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    run_ingest(ingest_config(tmp_path / "urls.txt", out, "balance.min_per_class=0"))
+    images = read(out, "images").set_index("source_key")
+    assert images.loc["https://images.example.org/pho.jpg", "reason"] == "needs_crawl"
+    assert images.loc[f"{small_dataset}/images/missing.jpg", ["status", "reason"]].tolist() == [
+        "failed", "missing_file"]
+    assert (images["status"] == "ok").sum() == 6
+    assert set(images.loc[images["status"] == "ok", "split"]) <= {"train", "val", "test"}
+
+
+def test_ingest_job_entrypoint(small_dataset, tmp_path):
+    out = tmp_path / "job"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.ingest", str(small_dataset), "--out", str(out), "--preset", "cpu-small",
+         "--set", "ray.num_cpus=1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Ingest summary" in proc.stdout and "duplicate_exact" in proc.stdout
+    assert (out / "run.yaml").exists() and (out / "manifests" / "images.parquet").exists()
+    bad = subprocess.run([sys.executable, "-m", "jobs.ingest", str(small_dataset), "--out", str(out),
+                          "--set", "dedupe.radious=3"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "dedupe.radious" in bad.stderr
