@@ -106,7 +106,9 @@ def lsh_pairs(hashes: np.ndarray, radius: int, tables: int, bits: int, seed: int
     positions = sample_bits(tables, bits, seed)
     ids = np.arange(hashes.size, dtype=np.int64)
     # One table at a time: small sorts that stay in cache, and memory linear in n, not n x tables.
-    found = [pairs_in_buckets(table_keys(hashes, positions[t], t), ids, hashes, radius) for t in range(tables)]
+    found = [
+        pairs_in_buckets(table_keys(hashes, positions[t], t), ids, hashes, radius) for t in range(tables)
+    ]
     return unique_pairs(np.concatenate(found))
 
 

@@ -7,7 +7,7 @@ from itertools import combinations
 import pandas as pd
 
 
-def _pairs_from_groups(groups: dict[str, list[str]]) -> set[tuple[str, str]]:
+def pairs_from_groups(groups: dict[str, list[str]]) -> set[tuple[str, str]]:
     pairs: set[tuple[str, str]] = set()
     for members in groups.values():
         pairs.update(tuple(sorted(p)) for p in combinations(sorted(set(members)), 2))
@@ -21,13 +21,13 @@ def true_duplicate_pairs(gt: pd.DataFrame) -> set[tuple[str, str]]:
     groups: dict[str, list[str]] = {}
     for key, orig in zip(copies["source_key"], copies["duplicate_of"], strict=True):
         groups.setdefault(orig, [orig]).append(key)
-    return _pairs_from_groups(groups)
+    return pairs_from_groups(groups)
 
 
 def found_duplicate_pairs(images: pd.DataFrame, dups: pd.DataFrame) -> set[tuple[str, str]]:
     key_of = images.set_index("image_id")["source_key"]
     groups = dups.assign(key=dups["image_id"].map(key_of)).groupby("group_id")["key"].apply(list).to_dict()
-    return _pairs_from_groups(groups)
+    return pairs_from_groups(groups)
 
 
 def duplicate_pair_scores(images: pd.DataFrame, dups: pd.DataFrame, gt: pd.DataFrame) -> dict[str, float]:

@@ -83,8 +83,9 @@ def test_duplicates_found_and_flagged(ingested, small_truth):
 
 def test_split_respects_source_and_is_stratified(ingested, small_truth):
     images = read(ingested, "images")
-    ok = images[images["status"] == "ok"].merge(small_truth[["source_key", "split"]], on="source_key",
-                                                  suffixes=("", "_source"))
+    ok = images[images["status"] == "ok"].merge(
+        small_truth[["source_key", "split"]], on="source_key", suffixes=("", "_source")
+    )
     assert (ok.loc[ok["split_source"] == "test", "split"] == "test").all()
     assert set(ok.loc[ok["split_source"] == "train", "split"]) == {"train", "val"}
     assert (ok.groupby("label")["split"].apply(lambda s: (s == "val").sum()) >= 1).all()
@@ -132,14 +133,14 @@ def test_resume_after_a_failing_dedupe_shard(ray_local, small_dataset, tmp_path)
     assert not (out / "manifests" / "images.parquet").exists()
     shard_dir = next((out / "stages" / "dedupe").glob("shards-*"))
     finished = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("pairs-*.parquet")}
-    assert "pairs-00002.parquet" not in finished
+    assert "pairs-000002.parquet" not in finished
 
     report, _ = run_ingest(cfg, faults=FaultPlan())
     assert report.skipped == ["sources", "normalize"]
     assert report.results["dedupe"].stats["partitions_reused"] == len(finished)
     for name, mtime in finished.items():  # finished partitions were not redone
         assert (shard_dir / name).stat().st_mtime_ns == mtime
-    assert (shard_dir / "pairs-00002.parquet").exists()
+    assert (shard_dir / "pairs-000002.parquet").exists()
     for name in ("images", "duplicates"):
         pd.testing.assert_frame_equal(read(out, name), read(reference, name))
 
@@ -169,7 +170,9 @@ def test_url_list_source_marks_http_entries_for_the_crawler(ray_local, small_dat
     images = read(out, "images").set_index("source_key")
     assert images.loc["https://images.example.org/pho.jpg", "reason"] == "needs_crawl"
     assert images.loc[f"{small_dataset}/images/missing.jpg", ["status", "reason"]].tolist() == [
-        "failed", "missing_file"]
+        "failed",
+        "missing_file",
+    ]
     assert (images["status"] == "ok").sum() == 6
     assert set(images.loc[images["status"] == "ok", "split"]) <= {"train", "val", "test"}
 
@@ -179,13 +182,55 @@ def test_ingest_job_entrypoint(small_dataset, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.ingest", str(small_dataset), "--out", str(out), "--preset", "cpu-small",
-         "--set", "ray.num_cpus=1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "jobs.ingest",
+            str(small_dataset),
+            "--out",
+            str(out),
+            "--preset",
+            "cpu-small",
+            "--set",
+            "ray.num_cpus=1",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Ingest summary" in proc.stdout and "duplicate_exact" in proc.stdout
     assert (out / "run.yaml").exists() and (out / "manifests" / "images.parquet").exists()
-    bad = subprocess.run([sys.executable, "-m", "jobs.ingest", str(small_dataset), "--out", str(out),
-                          "--set", "dedupe.radious=3"], cwd=REPO, env=env, capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.ingest",
+            str(small_dataset),
+            "--out",
+            str(out),
+            "--set",
+            "dedupe.radious=3",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "dedupe.radious" in bad.stderr
+
+
+def test_duplicate_pair_quality_at_the_default_radius(ray_local, tmp_path_factory):
+    """On generated data with ground truth: pair precision and recall both >= 0.95 at r = 10."""
+    from pipeline.synth import synthesize
+
+    data = tmp_path_factory.mktemp("medium") / "data"
+    synthesize(str(data), classes=12, per_class=60, noise=0.1, seed=11)
+    out = data.parent / "run"
+    run_ingest(ingest_config(data, out))
+    truth = pd.read_parquet(data / "ground_truth.parquet")
+    scores = duplicate_pair_scores(read(out, "images"), read(out, "duplicates"), truth)
+    assert scores["true_pairs"] >= 40
+    assert scores["precision"] >= 0.95 and scores["recall"] >= 0.95, scores

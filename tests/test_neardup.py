@@ -51,6 +51,8 @@ def test_ray_groupby_path_equals_single_process(ray_local, tmp_path):
     uniq = np.unique(hashes)
     pairs, reused = near_pairs_on_ray(uniq, cfg, str(tmp_path / "shards"), FaultPlan())
     assert reused == 0 and len(list((tmp_path / "shards").glob("pairs-*.parquet"))) == 5
-    assert as_set(pairs) == as_set(neardup.lsh_pairs(uniq, cfg.radius, cfg.lsh_tables, cfg.lsh_bits, cfg.lsh_seed))
+    assert as_set(pairs) == as_set(
+        neardup.lsh_pairs(uniq, cfg.radius, cfg.lsh_tables, cfg.lsh_bits, cfg.lsh_seed)
+    )
     again, reused = near_pairs_on_ray(uniq, cfg, str(tmp_path / "shards"), FaultPlan())
     assert reused == 5 and as_set(again) == as_set(pairs)

@@ -40,7 +40,9 @@ def test_food101_uses_meta_split_and_relative_keys(tmp_path):
     assert detect_kind(str(tmp_path)) == "food101"
     out = cands(tmp_path)
     assert [(c.source_key, c.label, c.split) for c in out][:2] == [
-        ("images/pho/0.jpg", "pho", "train"), ("images/pho/1.jpg", "pho", "train")]
+        ("images/pho/0.jpg", "pho", "train"),
+        ("images/pho/1.jpg", "pho", "train"),
+    ]
     assert {c.split for c in out if c.source_key.endswith("2.jpg")} == {"test"}
     assert len(out) == 7 and all(c.source == "food101" for c in out)
     assert decode_locator(out[0].locator) == str(tmp_path / "images/pho/0.jpg")
@@ -60,14 +62,20 @@ def test_imagefolder_flat_and_with_split_dirs(tmp_path):
     write(flat / "dog" / "notes.txt", b"x")
     out = cands(flat)
     assert [(c.source_key, c.label, c.split) for c in out] == [
-        ("cat/a.jpg", "cat", None), ("cat/sub/b.PNG", "cat", None), ("dog/c.jpeg", "dog", None)]
+        ("cat/a.jpg", "cat", None),
+        ("cat/sub/b.PNG", "cat", None),
+        ("dog/c.jpeg", "dog", None),
+    ]
 
     split = tmp_path / "split"
     write(split / "train" / "cat" / "a.jpg", jpeg())
     write(split / "val" / "cat" / "b.jpg", jpeg())
     write(split / "test" / "dog" / "c.jpg", jpeg())
     assert {(c.source_key, c.label, c.split) for c in cands(split)} == {
-        ("train/cat/a.jpg", "cat", "train"), ("val/cat/b.jpg", "cat", "val"), ("test/dog/c.jpg", "dog", "test")}
+        ("train/cat/a.jpg", "cat", "train"),
+        ("val/cat/b.jpg", "cat", "val"),
+        ("test/dog/c.jpg", "dog", "test"),
+    }
 
 
 def test_non_utf8_and_traversal_looking_names(tmp_path):
@@ -86,8 +94,10 @@ def test_non_utf8_and_traversal_looking_names(tmp_path):
     by_key = {c.source_key: c for c in out}
     assert Path(decode_locator(by_key["cat/caf\\xe9-latin1.jpg"].locator)).read_bytes() == jpeg(1)
     # The storage layer reads every one of them back by its locator.
-    for i, key in enumerate(["cat/caf\\xe9-latin1.jpg", "cat/..%2F..%2Fetc%2Fpasswd.jpg", "cat/-rf ;rm.jpg",
-                             "cat/a b#c?.jpg"], start=1):
+    for i, key in enumerate(
+        ["cat/caf\\xe9-latin1.jpg", "cat/..%2F..%2Fetc%2Fpasswd.jpg", "cat/-rf ;rm.jpg", "cat/a b#c?.jpg"],
+        start=1,
+    ):
         assert storage.read_bytes(decode_locator(by_key[key].locator)) == jpeg(i)
 
 
@@ -96,15 +106,20 @@ def test_url_lists_in_three_formats(tmp_path):
     (tmp_path / "list.txt").write_text("# comment\nimgs/a.jpg,pho\nhttps://example.org/x.jpg\n\n")
     out = cands(tmp_path / "list.txt")
     assert [(c.source_key, c.label, c.url) for c in out] == [
-        ("imgs/a.jpg", "pho", None), ("https://example.org/x.jpg", None, "https://example.org/x.jpg")]
+        ("imgs/a.jpg", "pho", None),
+        ("https://example.org/x.jpg", None, "https://example.org/x.jpg"),
+    ]
     assert decode_locator(out[0].locator) == str(tmp_path / "imgs" / "a.jpg")
 
-    pd.DataFrame({"url": ["imgs/a.jpg", "imgs/a.jpg"], "label": ["pho", "pho"], "split": ["test", "test"]}).to_csv(
-        tmp_path / "list.csv", index=False)
+    pd.DataFrame(
+        {"url": ["imgs/a.jpg", "imgs/a.jpg"], "label": ["pho", "pho"], "split": ["test", "test"]}
+    ).to_csv(tmp_path / "list.csv", index=False)
     out = cands(tmp_path / "list.csv")
     assert len(out) == 1 and out[0].split == "test"  # repeated entries count once
 
-    pd.DataFrame({"url": [str(tmp_path / "imgs" / "a.jpg")], "label": ["ramen"]}).to_parquet(tmp_path / "l.parquet")
+    pd.DataFrame({"url": [str(tmp_path / "imgs" / "a.jpg")], "label": ["ramen"]}).to_parquet(
+        tmp_path / "l.parquet"
+    )
     assert cands(tmp_path / "l.parquet")[0].label == "ramen"
 
     pd.DataFrame({"link": ["x"]}).to_csv(tmp_path / "bad.csv", index=False)

@@ -44,6 +44,16 @@ class RunContext:
         return self.uri("manifests", f"{name}.parquet")
 
 
+def shard_file(shard_dir: str, prefix: str, shard: int) -> str:
+    return storage.join(shard_dir, f"{prefix}-{shard:06d}.parquet")
+
+
+def finished_shards(shard_dir: str, prefix: str) -> set[int]:
+    """Numbers of the shards whose output file exists (files are written atomically)."""
+    names = (u.rsplit("/", 1)[-1] for u in storage.list_files(shard_dir, ".parquet"))
+    return {int(n[len(prefix) + 1 : -len(".parquet")]) for n in names if n.startswith(f"{prefix}-")}
+
+
 @dataclass
 class StageResult:
     stats: dict[str, Any] = field(default_factory=dict)

@@ -21,19 +21,14 @@ from pipeline import manifests, neardup, storage
 from pipeline.config import DedupeConfig
 from pipeline.faults import FaultPlan
 from pipeline.reasons import Reason, Status
-from pipeline.stages.base import Resources, RunContext, Stage
+from pipeline.stages.base import Resources, RunContext, Stage, finished_shards, shard_file
 from pipeline.stages.normalize import images_uri as normalized_images_uri
-
 
 DUP_COLUMNS = manifests.load_schema("duplicates").names
 
 
 def images_uri(ctx: RunContext) -> str:
     return storage.join(ctx.stage_dir(DedupeStage.name), "images.parquet")
-
-
-def _pairs_file(shard_dir: str, part: int) -> str:
-    return storage.join(shard_dir, f"pairs-{part:05d}.parquet")
 
 
 def emit_bucket_rows(
@@ -67,7 +62,7 @@ def pairs_for_partition(
         )
     )
     table = pa.table({"a": pairs[:, 0], "b": pairs[:, 1]})
-    manifests.write_table_atomic(table, _pairs_file(shard_dir, part))
+    manifests.write_table_atomic(table, shard_file(shard_dir, "pairs", part))
     return {"part": np.array([part]), "pairs": np.array([len(pairs)])}
 
 
@@ -77,7 +72,7 @@ def near_pairs_on_ray(
     """Pairs of indices into ``uniq`` within the radius, via a Ray Data groupby. Returns (pairs, reused)."""
     import ray
 
-    done = {int(u.rsplit("-", 1)[1].split(".")[0]) for u in storage.list_files(shard_dir, ".parquet")}
+    done = finished_shards(shard_dir, "pairs")
     todo = [p for p in range(cfg.partitions) if p not in done]
     if todo and uniq.size:
         positions = neardup.sample_bits(cfg.lsh_tables, cfg.lsh_bits, cfg.lsh_seed)
@@ -96,10 +91,9 @@ def near_pairs_on_ray(
     # A partition that received no bucket rows got no map_groups call: it is complete and empty.
     empty = pa.table({"a": pa.array([], pa.int64()), "b": pa.array([], pa.int64())})
     for p in todo:
-        if not storage.exists(_pairs_file(shard_dir, p)):
-            manifests.write_table_atomic(empty, _pairs_file(shard_dir, p))
-    files = storage.list_files(shard_dir, ".parquet")
-    tables = [manifests.read_table(f) for f in files]
+        if not storage.exists(shard_file(shard_dir, "pairs", p)):
+            manifests.write_table_atomic(empty, shard_file(shard_dir, "pairs", p))
+    tables = [manifests.read_table(shard_file(shard_dir, "pairs", p)) for p in range(cfg.partitions)]
     pairs = (
         np.concatenate([np.stack([t["a"].to_numpy(), t["b"].to_numpy()], axis=1) for t in tables])
         if tables
@@ -123,7 +117,10 @@ def _edges_by_equal(values: pd.Series) -> np.ndarray:
 def group_duplicates(
     ok: pd.DataFrame, near_pairs: np.ndarray, inverse: np.ndarray, keep: str
 ) -> pd.DataFrame:
-    """Rows of the duplicates manifest (plus ``_order``) for the ok images in ``ok`` (index 0..n-1)."""
+    """Rows of the duplicates manifest (plus each row's ``split``) for the ok images in ``ok``.
+
+    ``ok`` is indexed 0..n-1; ``inverse`` maps each row to its unique pHash, the index space of
+    ``near_pairs``."""
     n = len(ok)
     # Map near pairs between unique hashes to one representative row each; equal hashes link by value.
     rep = np.full(inverse.max() + 1 if n else 0, -1, dtype=np.int64)

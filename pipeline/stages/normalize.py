@@ -18,7 +18,7 @@ from pipeline.faults import FaultPlan
 from pipeline.imaging import Normalized, NormalizeParams, normalize_bytes
 from pipeline.reasons import Reason, Status
 from pipeline.sources import decode_locator
-from pipeline.stages.base import Resources, RunContext, Stage
+from pipeline.stages.base import Resources, RunContext, Stage, finished_shards, shard_file
 from pipeline.stages.sources import candidates_uri
 
 
@@ -129,7 +129,7 @@ def run_shard(
     faults.check(NormalizeStage.name, shard)
     cands = _table_from_bytes(item["rows"]).to_pylist()
     rows = [process_candidate(c, params, max_bytes, out) for c in cands]
-    uri = storage.join(shard_dir, f"shard-{shard:06d}.parquet")
+    uri = shard_file(shard_dir, "shard", shard)
     # An explicit schema: rows differ in which keys they carry (a rejected row has no hashes).
     table = pa.Table.from_pylist(rows, schema=manifests.load_schema("images").arrow_schema())
     manifests.write_manifest("images", table, uri)
@@ -156,7 +156,7 @@ class NormalizeStage(Stage):
         cands = manifests.read_table(candidates_uri(ctx))
         shard_dir = ctx.shard_dir(self.name)
         n_shards = max(1, -(-cands.num_rows // cfg.shard_size))
-        done = {int(u.rsplit("-", 1)[1].split(".")[0]) for u in storage.list_files(shard_dir, ".parquet")}
+        done = finished_shards(shard_dir, "shard")
         todo = [
             {"shard": i, "rows": _table_to_bytes(cands.slice(i * cfg.shard_size, cfg.shard_size))}
             for i in range(n_shards)
@@ -175,10 +175,8 @@ class NormalizeStage(Stage):
                 },
                 num_cpus=self.resources.cpus,
             ).materialize()
-        parts = [
-            manifests.read_table(storage.join(shard_dir, f"shard-{i:06d}.parquet")) for i in range(n_shards)
-        ]
-        table = pa.concat_tables(parts) if parts else pa.table({})
+        parts = [manifests.read_table(shard_file(shard_dir, "shard", i)) for i in range(n_shards)]
+        table = pa.concat_tables(parts)
         table = manifests.write_manifest("images", table, images_uri(ctx))
         status = table.column("status").to_pylist()
         return {
