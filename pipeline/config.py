@@ -50,7 +50,7 @@ class NormalizeConfig(_Section):
     resize_side: Literal["short", "long"] = Field("short", description="Which side target_side applies to.")
     upscale: bool = Field(False, description="Also enlarge images smaller than the target.")
     jpeg_quality: int = Field(90, ge=1, le=100, description="Quality of the re-encoded JPEG blobs.")
-    shard_size: int = Field(256, ge=1, description="Images per task; also the unit of resume.")
+    shard_size: int = Field(512, ge=1, description="Images per task; also the unit of resume.")
 
 
 class DedupeConfig(_Section):

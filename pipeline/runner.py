@@ -49,10 +49,9 @@ def configure_ray_data() -> None:
 
     ctx = ray.data.DataContext.get_current()
     ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    ctx.enable_progress_bars = os.isatty(2)
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False
-    if not ctx.enable_progress_bars:
+    if not os.isatty(2):  # Ray Data logs its progress at INFO level where there is no terminal
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 

@@ -26,8 +26,7 @@ def ingest_summary(out: str) -> dict[str, Any]:
         "duplicates": {
             "groups": len(groups),
             "images_in_groups": len(dups),
-            "exact_rows": int((dups["kind"] == "exact").sum()),
-            "near_rows": int((dups["kind"] == "near").sum()),
+            "removed": int((dups["image_id"] != dups["kept_id"]).sum()),
             "cross_label_groups": int(groups["cross_label"].sum()),
             "cross_split_groups": int(groups["cross_split"].sum()),
         },
@@ -62,9 +61,9 @@ def format_ingest_summary(s: dict[str, Any], out: str) -> str:
     d = s["duplicates"]
     lines.append("")
     lines.append(
-        f"Duplicate groups: {d['groups']} ({d['images_in_groups']} images; exact rows {d['exact_rows']}, "
-        f"near rows {d['near_rows']}; across labels {d['cross_label_groups']}, across train/test "
-        f"{d['cross_split_groups']})"
+        f"Duplicate groups: {d['groups']} ({d['images_in_groups']} images, {d['removed']} removed); "
+        f"label conflicts (across labels): {d['cross_label_groups']}; across train/test: "
+        f"{d['cross_split_groups']}"
     )
     lines.append("")
     splits = sorted({k for row in s["per_class"].values() for k in row})

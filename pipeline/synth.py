@@ -77,7 +77,7 @@ EXPECTED = {
 }
 DUPLICATE_RATE = 0.03
 NEAR_VARIANTS = ("resized", "recompressed", "cropped", "brightness")
-BOMB_SIDE = 14000  # 196 Mpx: over the pipeline's 100 Mpx limit and over twice Pillow's default limit
+BOMB_SIDE = 14000  # 196 Mpx: over the pipeline's default limit (50 Mpx) and over twice Pillow's own
 JPEG_QUALITY = 90
 # Objects: side as a share of the image's short side; texture cycles per half side. Decoys (objects that
 # differ from every class): how many per image, and their size. Together these set how much harder a
