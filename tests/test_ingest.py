@@ -177,48 +177,21 @@ def test_url_list_source_marks_http_entries_for_the_crawler(ray_local, small_dat
     assert set(images.loc[images["status"] == "ok", "split"]) <= {"train", "val", "test"}
 
 
-def test_ingest_job_entrypoint(small_dataset, tmp_path):
-    out = tmp_path / "job"
+def run_job(*args: str) -> subprocess.CompletedProcess:
+    """``python -m jobs.ingest ARGS`` as Ray would run it: a fresh process that starts its own Ray."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.ingest",
-            str(small_dataset),
-            "--out",
-            str(out),
-            "--preset",
-            "cpu-small",
-            "--set",
-            "ray.num_cpus=1",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    cmd = [sys.executable, "-m", "jobs.ingest", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_ingest_job_entrypoint(small_dataset, tmp_path):
+    out = tmp_path / "job"
+    proc = run_job(str(small_dataset), "--out", str(out), "--preset", "cpu-small", "--set", "ray.num_cpus=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Ingest summary" in proc.stdout and "duplicate_exact" in proc.stdout
     assert (out / "run.yaml").exists() and (out / "manifests" / "images.parquet").exists()
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jobs.ingest",
-            str(small_dataset),
-            "--out",
-            str(out),
-            "--set",
-            "dedupe.radious=3",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    bad = run_job(str(small_dataset), "--out", str(out), "--set", "dedupe.radious=3")
     assert bad.returncode == 2 and "dedupe.radious" in bad.stderr
 
 
