@@ -11,7 +11,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,s3]' 2>&1 | grep -v '^WARNING: Location' || true
 	$(PY) -c "import pipeline, ray, torch, torchvision, imagehash" 
 	@touch $(STAMP)

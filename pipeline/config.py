@@ -23,13 +23,38 @@ class _Section(BaseModel):
 
 
 class SourceConfig(_Section):
-    uri: str = Field(
-        description="Dataset root (food101, imagefolder) or list file (urllist); any fsspec URI."
+    uri: str | None = Field(
+        None, description="Dataset root (food101, imagefolder) or list file (urllist); any fsspec URI."
     )
-    kind: Literal["auto", "food101", "imagefolder", "urllist"] = Field(
-        "auto", description="Layout of the source; auto detects meta/train.txt, list files, else ImageFolder."
+    kind: Literal["auto", "food101", "imagefolder", "urllist", "search"] = Field(
+        "auto",
+        description="Layout of the source; auto detects meta/train.txt, list files, else ImageFolder. "
+        "search: image search per class (classes, provider, per_class).",
     )
     name: str | None = Field(None, description="Name recorded in the images manifest; default: the kind.")
+    classes: list[str] = Field(default_factory=list, description="search: the class names.")
+    provider: Literal["brave", "google", "serpapi"] = Field("brave", description="search: the search API.")
+    per_class: int = Field(100, ge=1, description="search: image URLs wanted per class.")
+    query_suffix: str = Field("", description='search: appended to each class name, e.g. "food".')
+    synonyms: dict[str, list[str]] = Field(
+        default_factory=dict, description="search: more queries per class, e.g. {pho: [pho soup]}."
+    )
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> SourceConfig:
+        if self.kind == "search":
+            if not self.classes:
+                raise ValueError("a search source needs classes: [name, ...]")
+            if self.uri:
+                raise ValueError("a search source takes classes, not uri")
+        elif not self.uri:
+            raise ValueError(f"a {self.kind} source needs uri")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The source's name in manifests."""
+        return self.name or (f"search-{self.provider}" if self.kind == "search" else self.kind)
 
 
 class RayConfig(_Section):
@@ -51,6 +76,45 @@ class NormalizeConfig(_Section):
     upscale: bool = Field(False, description="Also enlarge images smaller than the target.")
     jpeg_quality: int = Field(90, ge=1, le=100, description="Quality of the re-encoded JPEG blobs.")
     shard_size: int = Field(512, ge=1, description="Images per task; also the unit of resume.")
+
+
+class FetchConfig(_Section):
+    user_agent: str = Field(
+        "cropclean/0.1 (image dataset cleaning; honours X-Robots-Tag noai)",
+        description="User-Agent sent with every request.",
+    )
+    concurrency: int = Field(32, ge=1, description="Concurrent requests per download task (threads).")
+    per_host: int = Field(8, ge=1, description="Concurrent requests to one host, per task.")
+    per_host_delay: float = Field(
+        0.0, ge=0, description="Seconds between request starts to one host, per task."
+    )
+    connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect.")
+    read_timeout: float = Field(10.0, gt=0, description="Seconds without data before a read times out.")
+    deadline: float = Field(30.0, gt=0, description="Seconds per URL in all, retries included.")
+    retries: int = Field(2, ge=0, description="Retries within a run on 429, 5xx and timeouts.")
+    backoff: float = Field(0.5, ge=0, description="Base of the exponential backoff, seconds (plus jitter).")
+    max_retry_after: float = Field(20.0, ge=0, description="Longest Retry-After honoured, seconds.")
+    max_redirects: int = Field(5, ge=0, description="Redirects followed per URL.")
+    max_bytes: int = Field(20 * 2**20, ge=1, description="Largest body accepted, after decompression.")
+    honor_robots: bool = Field(True, description="Skip images whose X-Robots-Tag says noai or noimageai.")
+    guard: bool = Field(True, description="Refuse private, loopback, link-local and metadata addresses.")
+    allow_networks: list[str] = Field(
+        default_factory=list, description="CIDRs the guard lets through (tests on loopback, intranets)."
+    )
+    max_attempts: int = Field(3, ge=1, description="Runs in which a failing URL is tried before it is final.")
+
+    @model_validator(mode="after")
+    def _valid_networks(self) -> FetchConfig:
+        import ipaddress
+
+        for cidr in self.allow_networks:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"fetch.allow_networks: {cidr!r} is not a CIDR such as 127.0.0.1/32"
+                ) from None
+        return self
 
 
 class DedupeConfig(_Section):
@@ -96,6 +160,7 @@ class RunConfig(_Section):
     out: str = Field(description="Output URI of the run (local path, s3://...).")
     sources: list[SourceConfig] = Field(min_length=1, description="Where the images come from (one or more).")
     ray: RayConfig = Field(RayConfig(), description="Which Ray cluster runs the stages.")
+    fetch: FetchConfig = Field(FetchConfig(), description="Downloading http(s) URLs.")
     normalize: NormalizeConfig = Field(NormalizeConfig(), description="Decoding, validation and resizing.")
     dedupe: DedupeConfig = Field(DedupeConfig(), description="Exact and near duplicate grouping.")
     split: SplitConfig = Field(SplitConfig(), description="Train/val/test assignment.")
@@ -103,7 +168,7 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> RunConfig:
-        names = [s.name or s.kind for s in self.sources]
+        names = [s.label for s in self.sources]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"sources: names must be unique, repeated: {dupes}; set sources[i].name")
@@ -292,7 +357,12 @@ def _type_text(ann: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(f"`{a}`" for a in args)
     if origin in (list, tuple):
-        return "list of " + ("sections" if args and issubclass(args[0], BaseModel) else _type_text(args[0]))
+        inner = args[0]
+        return "list of " + (
+            "sections" if isinstance(inner, type) and issubclass(inner, BaseModel) else _type_text(inner)
+        )
+    if origin is dict:
+        return f"mapping of {_type_text(args[0])} to {_type_text(args[1])}"
     if args and type(None) in args:
         return " or ".join(_type_text(a) for a in args if a is not type(None)) + " or null"
     return getattr(ann, "__name__", str(ann))
@@ -322,7 +392,8 @@ def reference_markdown() -> str:
             inner = get_args(ann)[0] if get_origin(ann) is list else ann
             if isinstance(inner, type) and issubclass(inner, BaseModel):
                 nested.append((inner, f"{prefix}{name}{'[]' if inner is not ann else ''}."))
-            default = "required" if field.is_required() else f"`{json.dumps(_dump(field.default))}`"
+            value = field.get_default(call_default_factory=True)
+            default = "required" if field.is_required() else f"`{json.dumps(_dump(value))}`"
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 default = "see below"
             lines.append(f"| `{name}` | {_type_text(ann)} | {default} | {field.description or ''} |")

@@ -17,7 +17,16 @@ class Reason(StrEnum):
     READ_ERROR = "read_error"
     EMPTY_FILE = "empty_file"
     TOO_LARGE = "too_large"
-    NEEDS_CRAWL = "needs_crawl"  # an http(s) URL in a list read without the crawler
+    # fetching over HTTP (plus http_<code> for 4xx answers, see http_reason)
+    TIMEOUT = "timeout"
+    CONNECTION_ERROR = "connection_error"
+    DNS_ERROR = "dns_error"
+    HTTP_429 = "http_429"
+    HTTP_5XX = "http_5xx"
+    TOO_MANY_REDIRECTS = "too_many_redirects"
+    BLOCKED_PRIVATE_ADDRESS = "blocked_private_address"
+    UNSUPPORTED_SCHEME = "unsupported_scheme"
+    ROBOTS_OPTOUT = "robots_optout"
     # decoding and validation
     NOT_AN_IMAGE = "not_an_image"
     UNSUPPORTED_FORMAT = "unsupported_format"
@@ -33,3 +42,23 @@ class Reason(StrEnum):
     CLASS_CAP = "class_cap"
     CLASS_TOO_SMALL = "class_too_small"
     UNLABELED = "unlabeled"
+
+
+# Failures worth another attempt in a later run (up to fetch.max_attempts); every other outcome is final.
+RETRYABLE: frozenset[str] = frozenset(
+    {
+        Reason.TIMEOUT,
+        Reason.CONNECTION_ERROR,
+        Reason.DNS_ERROR,
+        Reason.HTTP_429,
+        Reason.HTTP_5XX,
+        Reason.READ_ERROR,
+    }
+)
+
+
+def http_reason(status: int) -> str:
+    """Reason code for an HTTP error status: http_404, http_410, ..., http_429, and http_5xx for all 5xx."""
+    if status >= 500:
+        return Reason.HTTP_5XX.value
+    return f"http_{status}"

@@ -98,18 +98,25 @@ def run_stages(cfg: RunConfig, stages: Sequence[Stage], faults: FaultPlan | None
         ctx.keys[stage.name] = key
         marker_uri = _marker_uri(ctx, stage)
         marker = _read_marker(marker_uri)
-        if marker and marker.get("key") == key:
+        if marker and marker.get("key") == key and marker.get("final", True):
             log.info("stage %s: already complete, skipped", stage.name)
-            report.results[stage.name] = StageResult(stats=marker.get("stats", {}), skipped=True)
+            stats = marker.get("stats", {})
+            report.results[stage.name] = StageResult(stats=stats, skipped=True)
+            chain += f"#{stats.get('fingerprint', '')}"
             continue
         log.info("stage %s: running", stage.name)
         result = stage.timed_run(ctx)
+        # What later stages depend on includes this stage's output, not only its config: a re-run that
+        # retried failed downloads changes the output, and what follows must run again.
+        chain += f"#{result.stats.get('fingerprint', '')}"
         record = {
             "stage": stage.name,
             "key": key,
             "seconds": round(result.seconds, 3),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "stats": result.stats,
+            # Not final: work is left for a later run (downloads to retry, a provider that stopped).
+            "final": not result.stats.get("incomplete", False),
         }
         storage.write_text_atomic(marker_uri, json.dumps(record, indent=2, default=str))
         report.results[stage.name] = result

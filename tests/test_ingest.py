@@ -150,25 +150,31 @@ def test_resume_after_a_failing_normalize_shard(ray_local, small_dataset, tmp_pa
     cfg = ingest_config(small_dataset, out, "normalize.shard_size=16")
     with pytest.raises(Exception, match="injected failure in normalize shard 1"):
         run_ingest(cfg, faults=FaultPlan(frozenset({("normalize", 1)})))
-    shard_dir = next((out / "stages" / "normalize").glob("shards-*"))
-    finished = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("shard-*.parquet")}
+    ledger = next((out / "stages" / "normalize").glob("ledger-*"))
+    finished = {p.name: p.stat().st_mtime_ns for p in ledger.glob("part-*.parquet")}
+    done_rows = sum(len(pd.read_parquet(ledger / name)) for name in finished)
+    assert 0 < done_rows < len(pd.read_parquet(small_dataset / "ground_truth.parquet"))
+
     report, _ = run_ingest(cfg, faults=FaultPlan())
     stats = report.results["normalize"].stats
-    assert stats["shards_reused"] == len(finished) and stats["shards"] > len(finished)
-    assert all((shard_dir / n).stat().st_mtime_ns == m for n, m in finished.items())
-    assert len(read(out, "images")) == stats["images"]
+    assert stats["reused"] == done_rows and stats["processed"] == stats["images"] - done_rows
+    assert all((ledger / n).stat().st_mtime_ns == m for n, m in finished.items())
+    images = read(out, "images")
+    assert len(images) == stats["images"] and images["image_id"].is_unique
+    assert (images["attempts"] == 1).all()  # nothing was processed twice
 
 
-def test_url_list_source_marks_http_entries_for_the_crawler(ray_local, small_dataset, tmp_path):
+def test_url_list_mixes_paths_and_guarded_urls(ray_local, small_dataset, tmp_path):
     truth = pd.read_parquet(small_dataset / "ground_truth.parquet")
     ok_keys = truth.loc[truth["kind"] == "clean", ["source_key", "given_label"]].head(6)
     lines = [f"{small_dataset / k},{lab}" for k, lab in ok_keys.itertuples(index=False)]
-    lines += ["https://images.example.org/pho.jpg,pho", f"{small_dataset}/images/missing.jpg,pho"]
+    lines += ["http://127.0.0.1:9/pho.jpg,pho", f"{small_dataset}/images/missing.jpg,pho"]
     (tmp_path / "urls.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
     run_ingest(ingest_config(tmp_path / "urls.txt", out, "balance.min_per_class=0"))
     images = read(out, "images").set_index("source_key")
-    assert images.loc["https://images.example.org/pho.jpg", "reason"] == "needs_crawl"
+    # Fetched through the network guard: loopback is refused unless allowed.
+    assert images.loc["http://127.0.0.1:9/pho.jpg", "reason"] == "blocked_private_address"
     assert images.loc[f"{small_dataset}/images/missing.jpg", ["status", "reason"]].tolist() == [
         "failed",
         "missing_file",

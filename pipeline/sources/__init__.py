@@ -27,6 +27,11 @@ class Candidate:
     label: str | None
     split: str | None
     url: str | None = None
+    page_url: str | None = None
+    query: str | None = None
+    engine: str | None = None
+    rank: int | None = None
+    license: str | None = None
 
 
 def encode_locator(path: str) -> bytes:
@@ -52,9 +57,14 @@ def detect_kind(uri: str) -> str:
     return "imagefolder"
 
 
-def iter_candidates(cfg: SourceConfig) -> Iterator[Candidate]:
-    from pipeline.sources import food101, imagefolder, urllist
+def iter_candidates(cfg: SourceConfig, cache_dir: str | None = None) -> Iterator[Candidate]:
+    """Candidates of one source; ``cache_dir`` keeps search responses so that re-runs spend no quota."""
+    from pipeline.sources import food101, imagefolder, search, urllist
 
+    if cfg.kind == "search":
+        yield from search.read(cfg, cfg.label, cache_dir or "memory://cropclean-search-cache")
+        return
+    assert cfg.uri is not None
     kind = cfg.kind if cfg.kind != "auto" else detect_kind(cfg.uri)
     name = cfg.name or kind
     readers = {"food101": food101.read, "imagefolder": imagefolder.read, "urllist": urllist.read}

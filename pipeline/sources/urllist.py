@@ -1,8 +1,7 @@
 """URL lists: CSV, TSV, Parquet or plain text with a ``url`` column and optional ``label`` and ``split``.
 
 Entries are any fsspec path or URI; relative paths are taken relative to the list's folder. http(s)
-URLs are fetched by the crawler (``cropclean crawl``), which guards against hostile hosts; read here,
-they get a ``needs_crawl`` row.
+URLs are downloaded by the normalize stage through the guarded fetcher (``pipeline.crawl.fetch``).
 """
 
 from __future__ import annotations

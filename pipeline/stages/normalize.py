@@ -1,25 +1,38 @@
-"""Stage ``normalize``: read, validate, normalize and hash every candidate, in shards on Ray Data.
+"""Stage ``normalize``: obtain (read or download), validate, normalize and hash every candidate.
 
-Every candidate gives exactly one images row. Finished shards are files under the stage's shard folder,
-so a re-run after a crash only processes the shards that are missing.
+Every candidate gives exactly one images row. Work runs in shards on Ray Data; each shard's rows are a
+file in the stage's ledger folder, so progress survives a crash. Resume is per item: a re-run processes
+only candidates with no final row yet: untried ones, and those that failed for a retryable reason (a
+timeout, a 5xx, a 429) in fewer than ``fetch.max_attempts`` runs. An ok image is never fetched again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any, ClassVar
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from pipeline import manifests, storage
+from pipeline.config import FetchConfig
+from pipeline.crawl.fetch import Fetcher, FetchParams
+from pipeline.crawl.guard import NetworkGuard
 from pipeline.faults import FaultPlan
 from pipeline.imaging import Normalized, NormalizeParams, normalize_bytes
-from pipeline.reasons import Reason, Status
+from pipeline.reasons import RETRYABLE, Reason, Status
 from pipeline.sources import decode_locator
-from pipeline.stages.base import Resources, RunContext, Stage, finished_shards, shard_file
+from pipeline.stages.base import Resources, RunContext, Stage
 from pipeline.stages.sources import candidates_uri
+
+_CARRIED = ("image_id", "source", "source_key", "url", "page_url", "query", "engine", "rank", "license",
+            "label", "split")  # fmt: skip
 
 
 def images_uri(ctx: RunContext) -> str:
@@ -31,6 +44,20 @@ def blob_path(sha256: str) -> str:
     return f"blobs/{sha256[:2]}/{sha256}.jpg"
 
 
+def is_url(locator: str) -> bool:
+    return locator.lower().startswith(("http://", "https://"))
+
+
+def fetcher_for(cfg: FetchConfig) -> Fetcher:
+    params = FetchParams(
+        user_agent=cfg.user_agent, connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout,
+        deadline=cfg.deadline, retries=cfg.retries, backoff=cfg.backoff, max_retry_after=cfg.max_retry_after,
+        max_redirects=cfg.max_redirects, max_bytes=cfg.max_bytes, per_host=cfg.per_host,
+        per_host_delay=cfg.per_host_delay, honor_robots=cfg.honor_robots,
+    )  # fmt: skip
+    return Fetcher(params, NetworkGuard.from_cidrs(cfg.allow_networks, enabled=cfg.guard))
+
+
 def _read_limited(locator: str, max_bytes: int) -> bytes | None:
     """The file's bytes, or None when it is larger than ``max_bytes`` (never read whole)."""
     fs, path = storage.get_fs(locator)
@@ -39,69 +66,59 @@ def _read_limited(locator: str, max_bytes: int) -> bytes | None:
     return None if len(data) > max_bytes else data
 
 
-def process_candidate(
-    cand: dict[str, Any], params: NormalizeParams, max_bytes: int, out: str
-) -> dict[str, Any]:
-    """One candidate row in, one images row out. Never raises for bad input."""
-    row: dict[str, Any] = {k: cand[k] for k in ("image_id", "source", "source_key", "url", "label", "split")}
-    locator = decode_locator(cand["locator"])
-    if locator.lower().startswith(("http://", "https://")):
-        return row | {
-            "status": Status.FAILED,
-            "reason": Reason.NEEDS_CRAWL,
-            "detail": "fetch it with cropclean crawl",
-        }
+def obtain(locator: str, fetcher: Fetcher | None, max_bytes: int) -> tuple[bytes | None, dict[str, Any]]:
+    """The input's bytes, or None and the row fields saying why not."""
+    if is_url(locator):
+        assert fetcher is not None
+        got = fetcher.fetch(locator)
+        if got.status != Status.OK:
+            return None, {"status": got.status, "reason": got.reason, "detail": got.detail}
+        return got.data, {}
     try:
         data = _read_limited(locator, max_bytes)
     except FileNotFoundError:
-        return row | {"status": Status.FAILED, "reason": Reason.MISSING_FILE, "detail": "no such file"}
+        return None, {"status": Status.FAILED, "reason": Reason.MISSING_FILE, "detail": "no such file"}
     except OSError as exc:
-        return row | {
+        return None, {
             "status": Status.FAILED,
             "reason": Reason.READ_ERROR,
             "detail": f"{type(exc).__name__}: {exc}",
         }
     if data is None:
-        return row | {
+        return None, {
             "status": Status.REJECTED,
             "reason": Reason.TOO_LARGE,
             "detail": f"over {max_bytes} bytes",
         }
+    return data, {}
 
-    import hashlib
 
+def process_candidate(cand: dict[str, Any], params: NormalizeParams, max_bytes: int, out: str,
+                      fetcher: Fetcher | None = None) -> dict[str, Any]:  # fmt: skip
+    """One candidate row in, one images row out. Never raises for bad input."""
+    row: dict[str, Any] = {k: cand.get(k) for k in _CARRIED}
+    row["attempts"] = int(cand.get("attempts") or 0) + 1
+    data, failure = obtain(decode_locator(cand["locator"]), fetcher, max_bytes)
+    if data is None:
+        return row | failure
     row["bytes"] = len(data)
     row["sha256"] = hashlib.sha256(data).hexdigest()
     result = normalize_bytes(data, params)
     if not isinstance(result, Normalized):
         fields = asdict(result)
-        return row | {
-            "status": Status.REJECTED,
-            "reason": result.reason,
-            "detail": fields["detail"],
-            "format": fields["format"],
-            "mode": fields["mode"],
-            "orig_width": fields["orig_width"],
-            "orig_height": fields["orig_height"],
-        }
+        return row | {"status": Status.REJECTED, "reason": result.reason, "detail": fields["detail"],
+                      "format": fields["format"], "mode": fields["mode"],
+                      "orig_width": fields["orig_width"], "orig_height": fields["orig_height"]}  # fmt: skip
     path = blob_path(result.jpeg_sha256)
     uri = storage.join(out, path)
     if not storage.exists(uri):
         storage.write_bytes_atomic(uri, result.jpeg)
     return row | {
-        "status": Status.OK,
-        "reason": None,
-        "detail": None,
-        "pixel_sha256": result.pixel_sha256,
-        "phash": result.phash,
-        "format": result.format,
-        "mode": result.mode,
-        "width": result.width,
-        "height": result.height,
-        "orig_width": result.orig_width,
-        "orig_height": result.orig_height,
-        "path": path,
-    }
+        "status": Status.OK, "reason": None, "detail": None,
+        "pixel_sha256": result.pixel_sha256, "phash": result.phash,
+        "format": result.format, "mode": result.mode, "width": result.width, "height": result.height,
+        "orig_width": result.orig_width, "orig_height": result.orig_height, "path": path,
+    }  # fmt: skip
 
 
 def _table_to_bytes(table: pa.Table) -> bytes:
@@ -115,75 +132,97 @@ def _table_from_bytes(data: bytes) -> pa.Table:
     return ipc.open_stream(data).read_all()
 
 
-def run_shard(
-    item: dict[str, Any],
-    *,
-    params: NormalizeParams,
-    max_bytes: int,
-    out: str,
-    shard_dir: str,
-    faults: FaultPlan,
-) -> dict[str, Any]:
-    """Ray Data task: normalize one shard of candidates and write its rows as one Parquet file."""
+def run_shard(item: dict[str, Any], *, params: NormalizeParams, max_bytes: int, fetch: FetchConfig, out: str,
+              ledger_dir: str, run_id: str, faults: FaultPlan) -> dict[str, Any]:  # fmt: skip
+    """Ray Data task: process one shard of candidates and write its rows as one ledger file."""
     shard = int(item["shard"])
     faults.check(NormalizeStage.name, shard)
     cands = _table_from_bytes(item["rows"]).to_pylist()
-    rows = [process_candidate(c, params, max_bytes, out) for c in cands]
-    uri = shard_file(shard_dir, "shard", shard)
-    # An explicit schema: rows differ in which keys they carry (a rejected row has no hashes).
+    if any(is_url(decode_locator(c["locator"])) for c in cands):
+        fetcher = fetcher_for(fetch)
+        try:  # downloads wait on the network: many at once, order kept
+            with ThreadPoolExecutor(max_workers=fetch.concurrency) as pool:
+                rows = list(pool.map(lambda c: process_candidate(c, params, max_bytes, out, fetcher), cands))
+        finally:
+            fetcher.close()
+    else:
+        rows = [process_candidate(c, params, max_bytes, out) for c in cands]
     table = pa.Table.from_pylist(rows, schema=manifests.load_schema("images").arrow_schema())
-    manifests.write_manifest("images", table, uri)
+    manifests.write_manifest("images", table, storage.join(ledger_dir, f"part-{run_id}-{shard:06d}.parquet"))
     return {"shard": shard, "rows": len(rows)}
+
+
+def read_ledger(ledger_dir: str) -> pd.DataFrame:
+    """The latest row per image from every earlier run and shard (most attempts wins)."""
+    files = storage.list_files(ledger_dir, ".parquet")
+    if not files:
+        return pd.DataFrame(columns=manifests.load_schema("images").names)
+    rows = pd.concat([manifests.read_manifest("images", f) for f in files], ignore_index=True)
+    rows["_seq"] = range(len(rows))
+    rows = rows.sort_values(["attempts", "_seq"]).drop_duplicates("image_id", keep="last")
+    return rows.drop(columns="_seq")
+
+
+def is_final(rows: pd.DataFrame, max_attempts: int) -> pd.Series:
+    retry = (rows["status"] == Status.FAILED) & rows["reason"].isin(RETRYABLE)
+    return ~retry | (rows["attempts"].fillna(0) >= max_attempts)
 
 
 class NormalizeStage(Stage):
     name = "normalize"
     resources = Resources(cpus=1)
-    config_sections: ClassVar[tuple[str, ...]] = ("normalize",)
+    config_sections: ClassVar[tuple[str, ...]] = ("normalize", "fetch")
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         import ray
 
-        cfg = ctx.cfg.normalize
+        cfg, fetch = ctx.cfg.normalize, ctx.cfg.fetch
         params = NormalizeParams(
-            min_side=cfg.min_side,
-            max_pixels=cfg.max_pixels,
-            target_side=cfg.target_side,
-            resize_side=cfg.resize_side,
-            upscale=cfg.upscale,
-            jpeg_quality=cfg.jpeg_quality,
-        )
+            min_side=cfg.min_side, max_pixels=cfg.max_pixels, target_side=cfg.target_side,
+            resize_side=cfg.resize_side, upscale=cfg.upscale, jpeg_quality=cfg.jpeg_quality,
+        )  # fmt: skip
         cands = manifests.read_table(candidates_uri(ctx))
-        shard_dir = ctx.shard_dir(self.name)
-        n_shards = max(1, -(-cands.num_rows // cfg.shard_size))
-        done = finished_shards(shard_dir, "shard")
-        todo = [
-            {"shard": i, "rows": _table_to_bytes(cands.slice(i * cfg.shard_size, cfg.shard_size))}
-            for i in range(n_shards)
-            if i not in done
+        # Keyed by the normalize settings only: rows stay valid when the candidate list grows (a search
+        # that resumes) or when fetch settings change (more attempts allowed).
+        ledger_dir = storage.join(ctx.stage_dir(self.name), f"ledger-{ctx.cfg.section_hash('normalize')}")
+        before = read_ledger(ledger_dir)
+        done = set(before.loc[is_final(before, fetch.max_attempts), "image_id"])
+        tried = before.set_index("image_id")["attempts"]
+        ids = cands.column("image_id").to_pylist()
+        todo_idx = [i for i, image_id in enumerate(ids) if image_id not in done]
+        attempts = pa.array([int(tried.get(ids[i], 0) or 0) for i in todo_idx], pa.int32())
+        todo = cands.take(todo_idx).append_column("attempts", attempts)
+        run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        shards = [
+            {"shard": n, "rows": _table_to_bytes(todo.slice(start, cfg.shard_size))}
+            for n, start in enumerate(range(0, todo.num_rows, cfg.shard_size))
         ]
-        if todo:
-            ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-            ds.map(
+        if shards:
+            ray.data.from_items(shards, override_num_blocks=len(shards)).map(
                 run_shard,
                 fn_kwargs={
                     "params": params,
                     "max_bytes": cfg.max_bytes,
+                    "fetch": fetch,
                     "out": ctx.out,
-                    "shard_dir": shard_dir,
+                    "ledger_dir": ledger_dir,
+                    "run_id": run_id,
                     "faults": ctx.faults,
                 },
                 num_cpus=self.resources.cpus,
             ).materialize()
-        parts = [manifests.read_table(shard_file(shard_dir, "shard", i)) for i in range(n_shards)]
-        table = pa.concat_tables(parts)
-        table = manifests.write_manifest("images", table, images_uri(ctx))
-        status = table.column("status").to_pylist()
+
+        latest = read_ledger(ledger_dir).set_index("image_id")
+        images = latest.loc[ids].reset_index()  # candidate order
+        table = manifests.write_manifest("images", images, images_uri(ctx))
+        final = is_final(images, fetch.max_attempts)
+        status = images["status"].value_counts()
+        fingerprint = hashlib.sha256(
+            pd.util.hash_pandas_object(images[["image_id", "status", "reason", "sha256"]], index=False).values
+        ).hexdigest()[:16]
         return {
-            "shards": n_shards,
-            "shards_reused": n_shards - len(todo),
-            "images": table.num_rows,
-            "ok": status.count("ok"),
-            "rejected": status.count("rejected"),
-            "failed": status.count("failed"),
-        }
+            "images": table.num_rows, "processed": len(todo_idx), "reused": len(ids) - len(todo_idx),
+            "shards": len(shards), "ok": int(status.get("ok", 0)), "rejected": int(status.get("rejected", 0)),
+            "failed": int(status.get("failed", 0)), "retry_later": int((~final).sum()),
+            "incomplete": bool((~final).any()), "fingerprint": fingerprint,
+        }  # fmt: skip

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+from dataclasses import asdict
 from typing import Any, ClassVar
 
 import pyarrow as pa
 
 from pipeline import manifests, storage
 from pipeline.sources import iter_candidates
+from pipeline.sources.search import SearchStopped
 from pipeline.stages.base import RunContext, Stage
+
+log = logging.getLogger("cropclean")
 
 CANDIDATE_SCHEMA = pa.schema(
     [
@@ -20,6 +25,11 @@ CANDIDATE_SCHEMA = pa.schema(
         ("label", pa.string()),
         ("split", pa.string()),
         ("url", pa.string()),
+        ("page_url", pa.string()),
+        ("query", pa.string()),
+        ("engine", pa.string()),
+        ("rank", pa.int32()),
+        ("license", pa.string()),
     ]
 )
 
@@ -40,17 +50,21 @@ class SourcesStage(Stage):
     def run(self, ctx: RunContext) -> dict[str, Any]:
         cols: dict[str, list[Any]] = {f.name: [] for f in CANDIDATE_SCHEMA}
         per_source: dict[str, int] = {}
+        errors: list[str] = []
+        cache = ctx.uri("cache", "search")
         for src in ctx.cfg.sources:
-            for c in iter_candidates(src):
-                cols["image_id"].append(image_id_for(c.source, c.source_key))
-                cols["source"].append(c.source)
-                cols["source_key"].append(c.source_key)
-                cols["locator"].append(c.locator)
-                cols["label"].append(c.label)
-                cols["split"].append(c.split)
-                cols["url"].append(c.url)
-                per_source[c.source] = per_source.get(c.source, 0) + 1
+            try:
+                for c in iter_candidates(src, cache):
+                    row = asdict(c) | {"image_id": image_id_for(c.source, c.source_key)}
+                    for name, values in cols.items():
+                        values.append(row[name])
+                    per_source[c.source] = per_source.get(c.source, 0) + 1
+            except SearchStopped as exc:  # keep what was found; the next run resumes from the cache
+                log.warning("%s", exc)
+                errors.append(str(exc))
         # Readers yield in a deterministic order (sorted listings, list order), which is "first seen".
         table = pa.table(cols, schema=CANDIDATE_SCHEMA)
         manifests.write_table_atomic(table, candidates_uri(ctx))
-        return {"candidates": table.num_rows, "per_source": per_source}
+        fingerprint = hashlib.sha256("\n".join(cols["image_id"]).encode()).hexdigest()[:16]
+        return {"candidates": table.num_rows, "per_source": per_source, "errors": errors,
+                "incomplete": bool(errors), "fingerprint": fingerprint}  # fmt: skip

@@ -1,0 +1,1 @@
+"""Collecting images from the web: search providers, a guarded HTTP fetcher, and their config."""
