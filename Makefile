@@ -5,13 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test lint bench bench-dedupe lock clean-demo venv
+.PHONY: demo test lint bench bench-dedupe bench-download lock clean-demo venv
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,s3]' 2>&1 | grep -v '^WARNING: Location' || true
 	$(PY) -c "import pipeline, ray, torch, torchvision, imagehash" 
 	@touch $(STAMP)
@@ -26,7 +25,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: bench-dedupe
+bench: bench-dedupe bench-download
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)
@@ -35,6 +34,16 @@ $(BENCH_STAMP): $(STAMP)
 
 bench-dedupe: $(BENCH_STAMP)
 	$(PY) bench/dedupe.py
+
+# img2dataset pins pandas<3, which clashes with ours: it gets an environment of its own, pinned too.
+PEER_VENV := bench/.venv-img2dataset
+$(PEER_VENV)/.stamp: bench/img2dataset-constraints.txt
+	@test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install --quiet -c bench/img2dataset-constraints.txt img2dataset 2>&1 | grep -v '^WARNING: Location' || true
+	@touch $@
+
+bench-download: $(STAMP) $(PEER_VENV)/.stamp
+	$(PY) bench/download.py --peer-python $(PEER_VENV)/bin/python
 
 # Re-resolve the pins from pyproject.toml into constraints.txt (needs the registry).
 lock:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.config import ConfigError, RunConfig, build_config, load_config_file, presets
+from pipeline.crawl.providers import ProviderError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -49,6 +50,13 @@ def _run_ingest(cfg: RunConfig) -> int:
     if report.skipped:
         print(f"resumed: stages already complete and skipped: {', '.join(report.skipped)}")
     print(format_ingest_summary(summary, cfg.out))
+    for name, result in report.results.items():
+        for error in result.stats.get("errors", []):
+            print(f"warning: {name}: {error}", file=sys.stderr)
+        if result.stats.get("incomplete"):
+            left = result.stats.get("retry_later", "some")
+            print(f"note: {name} left {left} items for a later run; run the same command again to continue",
+                  file=sys.stderr)  # fmt: skip
     return EXIT_OK
 
 
@@ -57,6 +65,28 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if args.kind:
         source["kind"] = args.kind
     return _run_ingest(_config_from_args(args, {"sources": [source]}))
+
+
+def cmd_crawl(args: argparse.Namespace) -> int:
+    if bool(args.classes) == bool(args.urls):
+        print("cropclean crawl: give either --classes (with --provider) or --urls", file=sys.stderr)
+        return EXIT_USAGE
+    if args.urls:
+        source: dict[str, Any] = {"uri": args.urls, "kind": "urllist"}
+    else:
+        classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+        source = {
+            "kind": "search",
+            "classes": classes,
+            "provider": args.provider,
+            "per_class": args.per_class,
+        }
+        if args.query_suffix:
+            source["query_suffix"] = args.query_suffix
+    doc: dict[str, Any] = {"sources": [source]}
+    if args.allow_network:
+        doc["fetch"] = {"allow_networks": args.allow_network}
+    return _run_ingest(_config_from_args(args, doc))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -93,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_ingest)
 
+    p = sub.add_parser("crawl", help="search images per class (or take a URL list), download, clean, split")
+    p.add_argument("--classes", help='comma-separated class names, e.g. "ramen,pho"')
+    p.add_argument("--provider", choices=["brave", "google", "serpapi"], default="brave")
+    p.add_argument("--per-class", type=int, default=100, help="image URLs wanted per class")
+    p.add_argument("--query-suffix", default="", help='appended to each query, e.g. "food"')
+    p.add_argument("--urls", help="a URL list (CSV/TSV/Parquet/TXT with url[,label]) instead of a search")
+    p.add_argument("--out", required=True, help="output URI of the run")
+    p.add_argument("--allow-network", action="append", default=[], metavar="CIDR",
+                   help="let downloads reach this private range (repeatable), e.g. 127.0.0.1/32")  # fmt: skip
+    _add_config_args(p)
+    p.set_defaults(func=cmd_crawl)
+
     p = sub.add_parser("run", help="run the pipeline described by a config file")
     p.add_argument("config")
     p.add_argument("--out", help="override the config's output URI")
@@ -119,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cropclean: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ProviderError as exc:  # no key, bad key: nothing was searched
+        print(f"cropclean: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

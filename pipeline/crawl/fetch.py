@@ -163,12 +163,8 @@ class Fetcher:
             if not outcome.retryable or attempt == p.retries:
                 break
             wait = p.backoff * 2**attempt + self._rng.uniform(0, p.backoff)
-            if (
-                outcome.reason == Reason.HTTP_429
-                and outcome.detail
-                and outcome.detail.startswith("retry after")
-            ):
-                wait = max(wait, min(float(outcome.detail.split()[2]), p.max_retry_after))
+            if outcome.retry_after is not None:  # the server said when: wait that long (within reason)
+                wait = max(wait, min(outcome.retry_after, p.max_retry_after))
             if time.monotonic() + wait >= deadline:
                 break
             time.sleep(wait)

@@ -96,6 +96,7 @@ class Brave(Provider):
     default_endpoint = "https://api.search.brave.com/res/v1/images/search"
     key_envs = ("BRAVE_API_KEY",)
     page_size = 200
+    max_results = 2000  # offset is a page index, 0..9
 
     def _request(self, query: str, page: int) -> tuple[dict[str, Any], dict[str, str]]:
         params = {"q": query, "count": self.page_size, "offset": page, "safesearch": "strict"}
@@ -195,9 +196,10 @@ def _cache_uri(cache_dir: str, engine: str, query: str, page: int) -> str:
 
 
 def search(provider: Provider, query: str, want: int, cache_dir: str,
-           on_page: Callable[[int], None] | None = None) -> list[SearchHit]:  # fmt: skip
+           on_page: Callable[[int], None] | None = None) -> tuple[list[SearchHit], str | None]:  # fmt: skip
     """Up to ``want`` distinct image hits for ``query``, paging as needed; pages come from the cache
-    when a previous run fetched them."""
+    when a previous run fetched them. Returns the hits and, if the provider stopped part-way (quota,
+    auth), its error: the hits of the pages before it are kept."""
     hits: list[SearchHit] = []
     seen: set[str] = set()
     page = 0
@@ -207,7 +209,10 @@ def search(provider: Provider, query: str, want: int, cache_dir: str,
         if storage.exists(uri):
             rows = [tuple(r) for r in json.loads(storage.read_text(uri))]
         else:
-            rows = provider.fetch_page(query, page)
+            try:
+                rows = provider.fetch_page(query, page)
+            except ProviderError as exc:
+                return hits[:want], str(exc)
             storage.write_text_atomic(uri, json.dumps(rows))
             if on_page:
                 on_page(page)
@@ -220,7 +225,7 @@ def search(provider: Provider, query: str, want: int, cache_dir: str,
         if len(rows) < provider.page_size:
             break
         page += 1
-    return hits[:want]
+    return hits[:want], None
 
 
 def hit_dict(hit: SearchHit) -> dict[str, Any]:

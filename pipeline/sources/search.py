@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterator
 
 from pipeline.config import SourceConfig
-from pipeline.crawl.providers import ProviderError, make_provider, search
+from pipeline.crawl.providers import make_provider, search
 from pipeline.sources import Candidate, encode_locator
 
 log = logging.getLogger("cropclean")
@@ -34,10 +34,7 @@ def read(cfg: SourceConfig, name: str, cache_dir: str) -> Iterator[Candidate]:
             want = cfg.per_class - found
             if want <= 0:
                 break
-            try:
-                hits = search(provider, query, want, cache_dir)
-            except ProviderError as exc:
-                raise SearchStopped(str(exc)) from None
+            hits, error = search(provider, query, want, cache_dir)
             for hit in hits:
                 if hit.url in seen:
                     continue
@@ -46,3 +43,5 @@ def read(cfg: SourceConfig, name: str, cache_dir: str) -> Iterator[Candidate]:
                 yield Candidate(name, hit.url, encode_locator(hit.url), label, None, url=hit.url,
                                 page_url=hit.page_url, query=hit.query, engine=hit.engine, rank=hit.rank,
                                 license=hit.license)  # fmt: skip
+            if error:  # stop this provider; what it found so far stays
+                raise SearchStopped(error)

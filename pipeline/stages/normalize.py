@@ -218,7 +218,9 @@ class NormalizeStage(Stage):
         final = is_final(images, fetch.max_attempts)
         status = images["status"].value_counts()
         fingerprint = hashlib.sha256(
-            pd.util.hash_pandas_object(images[["image_id", "status", "reason", "sha256"]], index=False).values
+            pd.util.hash_pandas_object(
+                images[["image_id", "status", "reason", "sha256", "attempts"]], index=False
+            ).values
         ).hexdigest()[:16]
         return {
             "images": table.num_rows, "processed": len(todo_idx), "reused": len(ids) - len(todo_idx),

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from pipeline import manifests, storage
+from pipeline.crawl.providers import ProviderError
 from pipeline.sources import iter_candidates
 from pipeline.sources.search import SearchStopped
 from pipeline.stages.base import RunContext, Stage
@@ -62,6 +63,8 @@ class SourcesStage(Stage):
             except SearchStopped as exc:  # keep what was found; the next run resumes from the cache
                 log.warning("%s", exc)
                 errors.append(str(exc))
+        if errors and not cols["image_id"]:  # nothing at all: fail loudly rather than run on nothing
+            raise ProviderError("; ".join(errors))
         # Readers yield in a deterministic order (sorted listings, list order), which is "first seen".
         table = pa.table(cols, schema=CANDIDATE_SCHEMA)
         manifests.write_table_atomic(table, candidates_uri(ctx))
