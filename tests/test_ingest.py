@@ -213,3 +213,39 @@ def test_duplicate_pair_quality_at_the_default_radius(ray_local, tmp_path_factor
     scores = duplicate_pair_scores(read(out, "images"), read(out, "duplicates"), truth)
     assert scores["true_pairs"] >= 40
     assert scores["precision"] >= 0.95 and scores["recall"] >= 0.95, scores
+
+
+def test_balance_caps_train_and_drops_small_classes(ingested, small_dataset, tmp_path, ray_local):
+    import shutil
+
+    out = tmp_path / "balanced"
+    shutil.copytree(ingested, out)
+    report, _ = run_ingest(ingest_config(small_dataset, out, "balance.max_per_class=5"))
+    assert report.ran == ["split"]  # only the stage that depends on balance
+    images = read(out, "images")
+    train = images[(images["status"] == "ok") & (images["split"] == "train")]
+    assert train.groupby("label").size().max() == 5
+    capped = images[images["reason"] == "class_cap"]
+    assert len(capped) > 0 and capped["split"].isna().all()
+    assert (images.loc[images["split"] == "test"].groupby("label").size() > 5).any()  # test is not capped
+
+    run_ingest(ingest_config(small_dataset, out, "balance.min_per_class=10000"))
+    images = read(out, "images")
+    assert (images["status"] != "ok").all() and (images["reason"] == "class_too_small").sum() > 0
+
+
+def test_split_drawn_by_fraction_when_the_source_gives_none(ray_local, small_dataset, tmp_path):
+    import shutil
+
+    folder = tmp_path / "folder"  # ImageFolder without split folders: the same images, no meta
+    shutil.copytree(small_dataset / "images", folder)
+    out = tmp_path / "run"
+    run_ingest(ingest_config(folder, out, "split.train=0.6", "split.val=0.2", "split.test=0.2"))
+    ok = read(out, "images").query("status == 'ok'")
+    shares = ok["split"].value_counts(normalize=True)
+    assert abs(shares["train"] - 0.6) < 0.06 and abs(shares["val"] - 0.2) < 0.06
+    per_class = ok.groupby("label")["split"].value_counts().unstack(fill_value=0)
+    assert (per_class > 0).all().all()  # stratified: every class in every split
+    again = tmp_path / "again"
+    run_ingest(ingest_config(folder, again, "split.train=0.6", "split.val=0.2", "split.test=0.2"))
+    pd.testing.assert_series_equal(read(again, "images")["split"], read(out, "images")["split"])

@@ -42,6 +42,7 @@ class Provider(ABC):
     default_endpoint: ClassVar[str]
     key_envs: ClassVar[tuple[str, ...]]
     page_size: ClassVar[int]
+    max_results: ClassVar[int | None] = None  # the most results the API serves for one query
 
     def __init__(self, env: dict[str, str] | None = None, timeout: float = 20.0) -> None:
         env = dict(os.environ if env is None else env)
@@ -125,7 +126,7 @@ class Google(Provider):
     default_endpoint = "https://www.googleapis.com/customsearch/v1"
     key_envs = ("GOOGLE_CSE_KEY", "GOOGLE_CSE_CX")
     page_size = 10
-    max_results = 100  # the API serves start <= 91
+    max_results = 100
 
     def _request(self, query: str, page: int) -> tuple[dict[str, Any], dict[str, str]]:
         keys = self._keys
@@ -203,8 +204,8 @@ def search(provider: Provider, query: str, want: int, cache_dir: str,
     hits: list[SearchHit] = []
     seen: set[str] = set()
     page = 0
-    max_results = getattr(provider, "max_results", None)
-    while len(hits) < want and (max_results is None or page * provider.page_size < max_results):
+    limit = provider.max_results
+    while len(hits) < want and (limit is None or page * provider.page_size < limit):
         uri = _cache_uri(cache_dir, provider.name, query, page)
         if storage.exists(uri):
             rows = [tuple(r) for r in json.loads(storage.read_text(uri))]
