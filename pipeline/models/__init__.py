@@ -1,0 +1,1 @@
+"""Classifiers: the model zoo (torchvision architectures with replaceable heads) and their training."""

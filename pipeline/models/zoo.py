@@ -1,0 +1,174 @@
+"""The model zoo: torchvision classification architectures as ``trunk -> global average pool -> head``.
+
+Every member has the same three parts, whatever its architecture: ``trunk`` (the convolutional
+layers up to the last feature map), a global average pool, and ``head`` (a linear layer, or the
+paper's MLP 1024-512-C with batch norm and dropout). The uniform shape is what training (freeze the
+trunk, then unfreeze) and convolutionalization (pool with a fixed window, head as 1x1 convolutions)
+rely on. VGG's original classifier flattened a 7x7 map; here, as for the others, its head reads the
+pooled features.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torchvision.models as tvm
+from torch import nn
+
+from pipeline import storage
+
+
+class ModelError(ValueError):
+    """A model cannot be built or loaded as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    features: int  # channels of the trunk's last feature map
+    default_size: int  # training input side the architecture was designed for
+    min_size: int  # smallest input that still gives a feature map
+    trunk: Callable[[nn.Module], nn.Module]
+    head_norm: Callable[[nn.Module], nn.Module | None] = lambda m: None  # a norm the original head applied
+
+
+def _resnet_trunk(m: nn.Module) -> nn.Module:
+    return nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
+
+
+def _inception_trunk(m: nn.Module) -> nn.Module:
+    names = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+             "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+             "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]  # fmt: skip
+    return nn.Sequential(*[getattr(m, n) for n in names])
+
+
+def _convnext_norm(m: nn.Module) -> nn.Module:
+    ln2d = m.classifier[0]  # LayerNorm2d over channels, applied to the pooled map
+    norm = nn.LayerNorm(ln2d.normalized_shape, eps=ln2d.eps)
+    norm.load_state_dict(ln2d.state_dict())
+    return norm
+
+
+ARCHS: dict[str, Arch] = {
+    a.name: a
+    for a in [
+        Arch("resnet18", 512, 224, 32, _resnet_trunk),
+        Arch("resnet50", 2048, 224, 32, _resnet_trunk),
+        Arch("mobilenet_v3_small", 576, 224, 32, lambda m: m.features),
+        Arch("mobilenet_v3_large", 960, 224, 32, lambda m: m.features),
+        Arch("efficientnet_b0", 1280, 224, 32, lambda m: m.features),
+        Arch("densenet121", 1024, 224, 32, lambda m: nn.Sequential(m.features, nn.ReLU(inplace=False))),
+        Arch("vgg16_bn", 512, 224, 32, lambda m: m.features),
+        Arch("inception_v3", 2048, 299, 75, _inception_trunk),
+        Arch("regnet_y_400mf", 440, 224, 32, lambda m: nn.Sequential(m.stem, m.trunk_output)),
+        Arch("convnext_tiny", 768, 224, 32, lambda m: m.features, _convnext_norm),
+    ]
+}
+
+
+def make_head(
+    kind: str, features: int, classes: int, dropout: float = 0.5, norm: nn.Module | None = None
+) -> nn.Module:
+    """``linear``: one layer. ``mlp``: 1024-512-classes with batch norm and dropout (the paper's head)."""
+    layers: list[nn.Module] = [norm] if norm is not None else []
+    if kind == "linear":
+        layers += [nn.Dropout(dropout) if dropout else nn.Identity(), nn.Linear(features, classes)]
+    elif kind == "mlp":
+        layers += [
+            nn.Linear(features, 1024), nn.BatchNorm1d(1024), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(1024, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(512, classes),
+        ]  # fmt: skip
+    else:
+        raise ModelError(f"unknown head {kind!r}; allowed: linear, mlp")
+    return nn.Sequential(*layers)
+
+
+class Classifier(nn.Module):
+    """trunk -> global average pool -> head."""
+
+    def __init__(self, arch: str, trunk: nn.Module, head: nn.Module, input_size: int) -> None:
+        super().__init__()
+        self.arch, self.input_size = arch, input_size
+        self.trunk, self.head = trunk, head
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(self.trunk(x), 1), 1))
+
+
+def _torchvision_model(arch: str, weights: str | None) -> nn.Module:
+    ctor = getattr(tvm, arch)
+    extra = {"aux_logits": False, "init_weights": False} if arch == "inception_v3" else {}
+    if weights is None:
+        return ctor(weights=None, **extra)
+    if "/" in weights or weights.endswith((".pt", ".pth", ".ckpt")):  # a file: load it ourselves
+        model = ctor(weights=None, **extra)
+        state = load_state(weights)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or len(missing) > 8:  # a head of another size is fine; a different network is not
+            raise ModelError(f"{weights} does not hold {arch} weights ({len(missing)} missing, "
+                             f"{len(unexpected)} unexpected keys)")  # fmt: skip
+        return model
+    try:
+        enum = tvm.get_model_weights(arch)
+        chosen = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+    except (KeyError, ValueError):
+        allowed = ", ".join(["DEFAULT", *[w.name for w in tvm.get_model_weights(arch)]])
+        raise ModelError(
+            f"{arch}: unknown weights {weights!r}; allowed: {allowed}, a file, or none"
+        ) from None
+    try:
+        if arch == "inception_v3":
+            model = ctor(weights=chosen)
+            model.aux_logits, model.AuxLogits = False, None
+            return model
+        return ctor(weights=chosen)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError
+        raise ModelError(
+            f"{arch}: could not download torchvision weights {chosen.name} ({type(exc).__name__}). Offline? "
+            f"Pass a weights file instead (a local path or any fsspec URI to a .pth state dict)."
+        ) from None
+
+
+def load_state(uri: str) -> dict[str, torch.Tensor]:
+    """A state dict from a local or remote file (a bare state dict, or a checkpoint with 'model')."""
+    try:
+        obj = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"weights file not found: {uri}") from None
+    return obj.get("model", obj) if isinstance(obj, dict) else obj
+
+
+def build_model(arch: str, classes: int, *, head: str = "linear", weights: str | None = None,
+                input_size: int | None = None, dropout: float = 0.2) -> Classifier:  # fmt: skip
+    """A zoo member for ``classes`` classes. ``weights``: None (random), a torchvision weights name
+    (``DEFAULT``, ``IMAGENET1K_V1``, ...) or a state-dict file of the torchvision model."""
+    if arch not in ARCHS:
+        raise ModelError(f"unknown architecture {arch!r}; allowed: {', '.join(ARCHS)}")
+    spec = ARCHS[arch]
+    size = input_size or spec.default_size
+    if size < spec.min_size:
+        raise ModelError(f"{arch}: input size {size} is below its minimum {spec.min_size}")
+    tv = _torchvision_model(arch, weights)
+    head_module = make_head(head, spec.features, classes, dropout, spec.head_norm(tv))
+    return Classifier(arch, spec.trunk(tv), head_module, size)
+
+
+def head_parameters(model: Classifier) -> list[nn.Parameter]:
+    return list(model.head.parameters())
+
+
+def trunk_parameters(model: Classifier) -> list[nn.Parameter]:
+    return list(model.trunk.parameters())
+
+
+def trunk_blocks(model: Classifier) -> list[nn.Module]:
+    """The trunk's top-level blocks, input first (for unfreezing block by block from the top)."""
+    return list(model.trunk.children())
