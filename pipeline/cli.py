@@ -89,6 +89,27 @@ def cmd_crawl(args: argparse.Namespace) -> int:
     return _run_ingest(_config_from_args(args, doc))
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline import storage
+    from pipeline.ingest import ingest_stages
+    from pipeline.runner import run_stages
+    from pipeline.stages.train import TrainStage
+
+    run_yaml = storage.join(args.out, "run.yaml")
+    if not storage.exists(run_yaml):
+        print(
+            f"cropclean train: {args.out} holds no run (no run.yaml); run cropclean ingest first",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    cfg = _config_from_args(args, load_config_file(run_yaml))
+    report = run_stages(cfg, [*ingest_stages(), TrainStage()])
+    for member, numbers in report.results["train"].stats.get("members", {}).items():
+        print(f"{member:24s} val top-1 {numbers['val_top1']:.3f}  top-5 {numbers['val_top5']:.3f}")
+    print(f"models: {storage.join(cfg.out, 'models')}/  predictions: {cfg.out}/manifests/predictions.parquet")
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     return _run_ingest(_config_from_args(args, load_config_file(args.config)))
 
@@ -134,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let downloads reach this private range (repeatable), e.g. 127.0.0.1/32")  # fmt: skip
     _add_config_args(p)
     p.set_defaults(func=cmd_crawl)
+
+    p = sub.add_parser("train", help="fine-tune the ensemble on an ingested run (reads OUT's manifests)")
+    p.add_argument("out", help="output URI of an ingested run")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="run the pipeline described by a config file")
     p.add_argument("config")

@@ -156,6 +156,70 @@ class BalanceConfig(_Section):
     min_per_class: int = Field(1, ge=0, description="Drop classes with fewer usable images than this.")
 
 
+ARCH_NAMES = Literal[
+    "resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "densenet121",
+    "vgg16_bn", "inception_v3", "regnet_y_400mf", "convnext_tiny",
+]  # fmt: skip
+
+
+class MemberConfig(_Section):
+    arch: ARCH_NAMES = Field(description="torchvision architecture.")
+    name: str | None = Field(None, description="Member name in manifests and OUT/models/; default: the arch.")
+    head: Literal["linear", "mlp"] = Field("linear", description="linear, or the paper's MLP 1024-512-C.")
+    weights: str | None = Field(
+        None, description="None (random init), a torchvision weights name (DEFAULT, IMAGENET1K_V1) or a file."
+    )
+    input_size: int | None = Field(None, ge=32, description="Training input side; default: the arch's own.")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.arch
+
+
+class TrainConfig(_Section):
+    members: list[MemberConfig] = Field(
+        default_factory=lambda: [MemberConfig(arch="resnet50"), MemberConfig(arch="efficientnet_b0")],
+        description="The ensemble.",
+    )
+    batch_size: int = Field(32, ge=1)
+    head_epochs: int = Field(2, ge=0, description="Pass 1: head only, trunk frozen.")
+    finetune_epochs: int = Field(6, ge=0, description="Pass 2: trunk unfrozen, lower learning rate.")
+    lr_head: float = Field(1e-3, gt=0)
+    lr_finetune: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    unfreeze: Literal["all", "blocks"] = Field(
+        "all", description="Pass 2 unfreezes all, or a block per epoch."
+    )
+    patience: int = Field(
+        3, ge=1, description="Stop pass 2 after this many epochs without a better val top-1."
+    )
+    augment_flip: bool = True
+    augment_crop_min: float = Field(
+        0.6, gt=0, le=1, description="Random resized crops keep this much area or more."
+    )
+    augment_color: float = Field(0.2, ge=0, description="Colour jitter strength (0: off).")
+    folds: int = Field(0, ge=0, description="Cross-fitting: K fold models per member (0: off; else K >= 2).")
+    crop_models: Literal["full", "folds"] = Field("full", description="Which models crop: full-data or fold.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers per member (data parallel).")
+    use_gpu: Literal["auto", "yes", "no"] = Field("auto", description="auto: GPUs when the cluster has any.")
+    concurrent_members: int | None = Field(None, ge=1, description="Trainings at once; default: what fits.")
+    max_failures: int = Field(
+        3, ge=0, description="Worker failures a training survives (resumes from checkpoint)."
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _folds(self) -> TrainConfig:
+        if self.folds == 1:
+            raise ValueError("train.folds: 0 turns cross-fitting off; otherwise at least 2")
+        if self.crop_models == "folds" and not self.folds:
+            raise ValueError("train.crop_models: folds needs train.folds >= 2")
+        names = [m.label for m in self.members]
+        if len(set(names)) != len(names):
+            raise ValueError(f"train.members: names must be unique, got {names}; set name")
+        return self
+
+
 class RunConfig(_Section):
     out: str = Field(description="Output URI of the run (local path, s3://...).")
     sources: list[SourceConfig] = Field(min_length=1, description="Where the images come from (one or more).")
@@ -165,6 +229,7 @@ class RunConfig(_Section):
     dedupe: DedupeConfig = Field(DedupeConfig(), description="Exact and near duplicate grouping.")
     split: SplitConfig = Field(SplitConfig(), description="Train/val/test assignment.")
     balance: BalanceConfig = Field(BalanceConfig(), description="Per-class caps and minimums.")
+    train: TrainConfig = Field(TrainConfig(), description="Fine-tuning the ensemble.")
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> RunConfig:

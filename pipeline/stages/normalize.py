@@ -191,7 +191,7 @@ class NormalizeStage(Stage):
         ids = cands.column("image_id").to_pylist()
         todo_idx = [i for i, image_id in enumerate(ids) if image_id not in done]
         attempts = pa.array([int(tried.get(ids[i], 0) or 0) for i in todo_idx], pa.int32())
-        todo = cands.take(todo_idx).append_column("attempts", attempts)
+        todo = cands.take(pa.array(todo_idx, pa.int64())).append_column("attempts", attempts)
         run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
         shards = [
             {"shard": n, "rows": _table_to_bytes(todo.slice(start, cfg.shard_size))}

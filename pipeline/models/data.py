@@ -1,0 +1,99 @@
+"""Training data: images-manifest rows -> decoded, augmented tensors, on Ray Data.
+
+Decoding runs in Ray Data tasks (``map_batches``); for training, augmentation (random resized crop,
+flip, colour jitter) runs there too, in a second ``map_batches`` that is re-executed every epoch. When
+the decoded images are small enough (``cache_bytes``), they are decoded once and kept in the object
+store, so an epoch costs only the augmentation. Evaluation squashes the whole image to the input size
+(no centre crop: the object may sit anywhere).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from pipeline import storage
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+_MEAN = torch.tensor(MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(STD).view(1, 3, 1, 1)
+
+
+@dataclass(frozen=True)
+class Augment:
+    flip: bool = True
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # random resized crop: share of the image area
+    color_jitter: float = 0.2
+
+
+def load_rgb(uri: str) -> Image.Image:
+    with Image.open(io.BytesIO(storage.read_bytes(uri))) as im:
+        return im.convert("RGB")
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32, ImageNet mean and std."""
+    return (images.float() / 255.0 - _MEAN) / _STD
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray], *, out: str, size: int, as_float: bool
+) -> dict[str, np.ndarray]:
+    """Ray Data map_batches: blob paths -> images squashed to size x size, uint8 (N, 3, H, W), or float32
+    normalized when ``as_float``."""
+    arrays = [np.asarray(load_rgb(storage.join(out, p)).resize((size, size), Image.Resampling.BILINEAR))
+              for p in batch["path"]]  # fmt: skip
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    pixels = (normalize(images) if as_float else images).numpy()
+    return {"image": pixels, "label": batch["label"].astype(np.int64), "row": batch["row"].astype(np.int64)}
+
+
+def augment_batch(batch: dict[str, np.ndarray], *, size: int, augment: Augment) -> dict[str, np.ndarray]:
+    """Ray Data map_batches: uint8 images -> augmented, normalized float32 (N, 3, size, size)."""
+    steps: list[Any] = [v2.RandomResizedCrop(size, scale=augment.crop_scale, antialias=True)]
+    if augment.flip:
+        steps.append(v2.RandomHorizontalFlip())
+    if augment.color_jitter:
+        j = augment.color_jitter
+        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
+    transform = v2.Compose(steps)
+    images = torch.from_numpy(batch["image"])
+    augmented = torch.stack([transform(img) for img in images])
+    return {"image": normalize(augmented).numpy(), "label": batch["label"], "row": batch["row"]}
+
+
+def training_rows(images: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """ok images with a split, their class index and a stable row number."""
+    index = {c: i for i, c in enumerate(classes)}
+    ok = images[(images["status"] == "ok") & images["split"].notna() & images["label"].isin(index)]
+    return ok.assign(label_idx=ok["label"].map(index).astype(np.int64)).reset_index(drop=True)
+
+
+def ray_dataset(rows: pd.DataFrame, out: str, size: int, augment: Augment | None, batch_size: int = 32,
+                cache_bytes: int = 2**30):  # fmt: skip
+    """A Ray Dataset of these rows' images: decoded and normalized (evaluation), or decoded then
+    augmented afresh each epoch (training)."""
+    import ray
+
+    frame = pd.DataFrame({"path": rows["path"].to_numpy(), "label": rows["label_idx"].to_numpy(),
+                          "row": np.arange(len(rows))})  # fmt: skip
+    base_size = size if augment is None else round(size * 8 / 7)  # crops need a little room
+    decoded = ray.data.from_pandas(frame).map_batches(
+        decode_batch, batch_size=batch_size, batch_format="numpy",
+        fn_kwargs={"out": out, "size": base_size, "as_float": augment is None},
+    )  # fmt: skip
+    bytes_needed = len(rows) * base_size * base_size * 3 * (4 if augment is None else 1)
+    if bytes_needed <= cache_bytes:
+        decoded = decoded.materialize()
+    if augment is None:
+        return decoded
+    return decoded.map_batches(augment_batch, batch_size=batch_size, batch_format="numpy",
+                               fn_kwargs={"size": size, "augment": augment})  # fmt: skip

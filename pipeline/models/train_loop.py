@@ -1,0 +1,226 @@
+"""The training loop run by each Ray Train worker: two-pass fine-tuning with validation-only selection.
+
+Pass 1 trains the head with the trunk frozen; pass 2 unfreezes the trunk (all at once, or one more top
+block per epoch) at a lower learning rate. After every epoch the loop evaluates on the validation split
+only, keeps the best weights by validation top-1 (ties: lower loss), reports metrics and a checkpoint
+to Ray Train, and stops early when validation stops improving. A restarted worker resumes from the last
+reported checkpoint, not from scratch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline import storage
+from pipeline.models.zoo import build_model, head_parameters, trunk_blocks
+
+
+@dataclass
+class TrainParams:
+    member: str
+    arch: str
+    classes: int
+    model_dir: str  # OUT/models/<member>[/fold-k]
+    head: str = "linear"
+    weights: str | None = None
+    input_size: int = 224
+    batch_size: int = 32
+    head_epochs: int = 2
+    finetune_epochs: int = 4
+    lr_head: float = 1e-2
+    lr_finetune: float = 1e-3
+    weight_decay: float = 1e-4
+    unfreeze: str = "all"  # all | blocks
+    patience: int = 3
+    seed: int = 0
+    kill_at_epoch: int | None = None  # fault injection: the worker process dies once, mid-epoch
+
+    @property
+    def epochs(self) -> int:
+        return self.head_epochs + self.finetune_epochs
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0  # next epoch to run
+    best_top1: float = -1.0
+    best_loss: float = float("inf")
+    best_epoch: int = -1
+    since_best: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)  # epochs at which a (re)start began
+
+
+def set_trainable(model: nn.Module, p: TrainParams, epoch: int) -> list[nn.Parameter]:
+    """Freeze or unfreeze for this epoch; returns the parameters to optimize."""
+    inner = model.module if hasattr(model, "module") else model
+    for param in inner.parameters():
+        param.requires_grad = False
+    for param in head_parameters(inner):
+        param.requires_grad = True
+    if epoch >= p.head_epochs:
+        blocks = trunk_blocks(inner)
+        if p.unfreeze == "blocks":  # one more block from the top each fine-tuning epoch
+            blocks = blocks[-(epoch - p.head_epochs + 1) :]
+        for block in blocks:
+            for param in block.parameters():
+                param.requires_grad = True
+    # Batch-norm statistics of a frozen trunk stay as they are.
+    for module in inner.trunk.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval() if not any(q.requires_grad for q in module.parameters()) else module.train()
+    return [q for q in inner.parameters() if q.requires_grad]
+
+
+def make_optimizer(params: list[nn.Parameter], p: TrainParams, epoch: int) -> torch.optim.Optimizer:
+    lr = p.lr_head if epoch < p.head_epochs else p.lr_finetune
+    return torch.optim.AdamW(params, lr=lr, weight_decay=p.weight_decay)
+
+
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    k = min(k, logits.shape[1])
+    return int((logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum())
+
+
+def run_epoch(model: nn.Module, batches: Any, device: torch.device, optimizer: torch.optim.Optimizer | None,
+              on_batch: Any = None) -> dict[str, float]:  # fmt: skip
+    """One pass over ``batches`` (dicts with 'image' and 'label'); trains when an optimizer is given."""
+    training = optimizer is not None
+    if not training:
+        model.eval()
+    loss_fn = nn.CrossEntropyLoss()
+    total = loss_sum = top1 = top5 = 0
+    cuda = device.type == "cuda"
+    with torch.set_grad_enabled(training):
+        for i, batch in enumerate(batches):
+            x = batch["image"].to(device, non_blocking=True)
+            y = batch["label"].to(device, non_blocking=True)
+            if training and len(y) < 2:  # batch norm cannot train on one image (a last, ragged batch)
+                continue
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
+                logits = model(x)
+                loss = loss_fn(logits.float(), y)
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            n = len(y)
+            total += n
+            loss_sum += float(loss) * n
+            top1 += topk_hits(logits, y, 1)
+            top5 += topk_hits(logits, y, 5)
+            if on_batch:
+                on_batch(i)
+    return {"loss": loss_sum / max(total, 1), "top1": top1 / max(total, 1), "top5": top5 / max(total, 1),
+            "images": total}  # fmt: skip
+
+
+def save_torch(obj: Any, uri: str) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    storage.write_bytes_atomic(uri, buf.getvalue())
+
+
+def _maybe_die(p: TrainParams, epoch: int, batch: int) -> None:
+    """Fault injection: end this worker process abruptly, once, in the middle of an epoch."""
+    if p.kill_at_epoch is None or epoch != p.kill_at_epoch or batch != 1:
+        return
+    marker = storage.join(p.model_dir, "_killed_once")
+    if not storage.exists(marker):
+        storage.write_text_atomic(marker, "killed\n")
+        # Ray Train registers a reported checkpoint when its controller next polls the workers; on tiny
+        # test epochs, wait for that as the middle of a real epoch would have.
+        time.sleep(5)
+        os._exit(137)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point (``TorchTrainer(train_loop_per_worker=...)``)."""
+    import ray.train
+    import ray.train.torch
+
+    p = TrainParams(**config["params"])
+    torch.manual_seed(p.seed)
+    device = ray.train.torch.get_device()
+    model = build_model(p.arch, p.classes, head=p.head, weights=p.weights, input_size=p.input_size)
+    state, optimizer_state = LoopState(), None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+        model.load_state_dict(saved["model"])
+        state, optimizer_state = LoopState(**saved["loop"]), saved["optimizer"]
+    state.starts.append(state.epoch)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    rank = ray.train.get_context().get_world_rank()
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+
+    optimizer, phase = None, None
+    for epoch in range(state.epoch, p.epochs):
+        epoch_phase = "head" if epoch < p.head_epochs else "finetune"
+        params = set_trainable(model, p, epoch)
+        if optimizer is None or epoch_phase != phase or p.unfreeze == "blocks":
+            optimizer = make_optimizer(params, p, epoch)
+            if optimizer_state is not None and epoch == state.epoch:
+                # A different parameter set (a phase boundary) cannot take the old state: start afresh.
+                with contextlib.suppress(ValueError):
+                    optimizer.load_state_dict(optimizer_state)
+            phase = epoch_phase
+        model.train()
+        set_trainable(model, p, epoch)  # re-applies eval() on frozen batch norms after train()
+        batches = train_shard.iter_torch_batches(batch_size=p.batch_size)
+        train = run_epoch(model, batches, device, optimizer, on_batch=lambda i, e=epoch: _maybe_die(p, e, i))
+        val = run_epoch(model, val_shard.iter_torch_batches(batch_size=p.batch_size), device, None)
+        improved = val["top1"] > state.best_top1 or (
+            val["top1"] == state.best_top1 and val["loss"] < state.best_loss
+        )
+        inner = model.module if hasattr(model, "module") else model
+        if improved:
+            state.best_top1, state.best_loss, state.best_epoch, state.since_best = (
+                val["top1"],
+                val["loss"],
+                epoch,
+                0,
+            )
+            if rank == 0:
+                save_torch({"model": inner.state_dict(), "params": asdict(p), "epoch": epoch, "val": val},
+                           storage.join(p.model_dir, "best.pt"))  # fmt: skip
+        else:
+            state.since_best += 1
+        record = {
+            "epoch": epoch, "phase": epoch_phase, "train_loss": train["loss"], "train_top1": train["top1"],
+            "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+            "best_epoch": state.best_epoch,
+        }  # fmt: skip
+        state.history.append(record)
+        state.epoch = epoch + 1
+        stop = epoch_phase == "finetune" and state.since_best >= p.patience
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                saved = {
+                    "model": inner.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "loop": asdict(state),
+                }
+                torch.save(saved, os.path.join(d, "state.pt"))
+                history = json.dumps({"history": state.history, "starts": state.starts})
+                storage.write_text_atomic(storage.join(p.model_dir, "history.json"), history)
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report({**record, "stopped_early": stop}, checkpoint=ckpt)
+        if stop:
+            break

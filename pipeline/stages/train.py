@@ -1,0 +1,237 @@
+"""Stage ``train``: fine-tune every ensemble member on Ray Train, then predict.
+
+Each member trains on the train split and selects its weights on the val split (never on test). With
+``train.folds = K`` each member is also trained K times on K-1 folds of train, so that every train
+image gets class probabilities from models that never saw it (out-of-fold). Predictions go to
+``manifests/predictions.parquet``; weights, per-epoch history and Ray Train checkpoints to
+``OUT/models/<member>[/fold-<k>]/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import manifests, storage
+from pipeline.config import MemberConfig, RunConfig
+from pipeline.models.data import Augment, ray_dataset, training_rows
+from pipeline.models.train_loop import TrainParams, train_loop_per_worker
+from pipeline.models.zoo import ARCHS
+from pipeline.stages.base import Resources, RunContext, Stage
+from pipeline.summary import update_metrics
+
+TOPK = 5
+
+
+@dataclass
+class Job:
+    member: MemberConfig
+    fold: int | None  # None: the full-data model
+    params: TrainParams
+    train_rows: pd.DataFrame
+    predict_rows: pd.DataFrame  # what this model predicts: val+test (full), its held-out fold (fold)
+
+
+def fold_of(image_ids: pd.Series, folds: int, seed: int) -> pd.Series:
+    return image_ids.map(lambda i: int(hashlib.sha256(f"{seed}:{i}".encode()).hexdigest()[:8], 16) % folds)
+
+
+def model_dir(out: str, member: str, fold: int | None) -> str:
+    return storage.join(out, "models", member, *([f"fold-{fold}"] if fold is not None else []))
+
+
+def local_path(uri: str) -> str:
+    """Ray Train wants an absolute local path or a URI."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def use_gpu(choice: str) -> bool:
+    import ray
+
+    return choice == "yes" or (choice == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+
+
+def make_jobs(cfg: RunConfig, rows: pd.DataFrame, classes: list[str]) -> list[Job]:
+    t = cfg.train
+    train = rows[rows["split"] == "train"]
+    heldout = rows[rows["split"].isin(["val", "test"])]
+    folds = fold_of(train["image_id"], t.folds, t.seed) if t.folds else None
+    jobs = []
+    for m in t.members:
+        for fold in [None, *range(t.folds)]:
+            params = TrainParams(
+                member=m.label, arch=m.arch, classes=len(classes),
+                model_dir=model_dir(cfg.out, m.label, fold), head=m.head, weights=m.weights,
+                input_size=m.input_size or ARCHS[m.arch].default_size, batch_size=t.batch_size,
+                head_epochs=t.head_epochs, finetune_epochs=t.finetune_epochs, lr_head=t.lr_head,
+                lr_finetune=t.lr_finetune, weight_decay=t.weight_decay, unfreeze=t.unfreeze,
+                patience=t.patience, seed=t.seed,
+            )  # fmt: skip
+            if fold is None:
+                # Without cross-fitting, the full model also labels train images (in-sample).
+                predict = heldout if t.folds else rows
+                jobs.append(Job(m, None, params, train, predict))
+            else:
+                jobs.append(Job(m, fold, params, train[folds != fold], train[folds == fold]))
+    return jobs
+
+
+def fit(job: Job, cfg: RunConfig, ctx: RunContext, val_rows: pd.DataFrame) -> dict[str, Any]:
+    """Train one model with Ray Train; returns its best validation metrics."""
+    from ray.train import DataConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train.torch import TorchTrainer
+
+    t = cfg.train
+    done = storage.join(job.params.model_dir, "_COMPLETE.json")
+    if storage.exists(done):  # finished in an earlier run of the same config
+        return json.loads(storage.read_text(done))
+    augment = Augment(flip=t.augment_flip, crop_scale=(t.augment_crop_min, 1.0), color_jitter=t.augment_color)
+    size = job.params.input_size
+    params = asdict(job.params)
+    params["kill_at_epoch"] = ctx.faults.kill_epoch(f"train:{job.params.member}")
+    start = time.perf_counter()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"params": params},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu(t.use_gpu)),
+        run_config=TrainRunConfig(
+            name=f"{job.params.member}{'' if job.fold is None else f'-fold-{job.fold}'}",
+            storage_path=local_path(storage.join(ctx.out, "models", "_ray")),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+        datasets={
+            "train": ray_dataset(job.train_rows, ctx.out, size, augment, t.batch_size),
+            "val": ray_dataset(val_rows, ctx.out, size, None, t.batch_size),
+        },
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    trainer.fit()
+    seconds = time.perf_counter() - start
+    history = json.loads(storage.read_text(storage.join(job.params.model_dir, "history.json")))
+    best = max(history["history"], key=lambda r: (r["val_top1"], -r["val_loss"]))
+    epochs = len(history["history"])
+    result = {
+        "val_top1": best["val_top1"], "val_top5": best["val_top5"], "val_loss": best["val_loss"],
+        "best_epoch": best["epoch"], "epochs": epochs, "starts": history["starts"],
+        "seconds": round(seconds, 2),
+        "train_images_per_s": round(len(job.train_rows) * epochs / seconds, 1),
+    }  # fmt: skip
+    storage.write_text_atomic(done, json.dumps(result))
+    return result
+
+
+class Predictor:
+    """Ray Data actor: one trained member, class probabilities for batches of images."""
+
+    def __init__(self, model_uri: str) -> None:
+        from pipeline.models.zoo import build_model as build
+
+        saved = torch.load(_bytes_io(model_uri), map_location="cpu", weights_only=False)
+        p = TrainParams(**saved["params"])
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = build(p.arch, p.classes, head=p.head, input_size=p.input_size)
+        self.model.load_state_dict(saved["model"])
+        self.model.to(self.device).eval()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            logits = self.model(torch.from_numpy(batch["image"]).to(self.device))
+        return {"row": batch["row"], "probs": torch.softmax(logits.float(), dim=1).cpu().numpy()}
+
+
+def _bytes_io(uri: str):
+    import io
+
+    return io.BytesIO(storage.read_bytes(uri))
+
+
+def predict(job: Job, ctx: RunContext, batch_size: int) -> np.ndarray:
+    """Class probabilities of ``job.predict_rows`` (in row order) from the job's best weights."""
+    if job.predict_rows.empty:
+        return np.zeros((0, job.params.classes), dtype=np.float32)
+    ds = ray_dataset(job.predict_rows, ctx.out, job.params.input_size, None, batch_size).map_batches(
+        Predictor, fn_constructor_kwargs={"model_uri": storage.join(job.params.model_dir, "best.pt")},
+        batch_size=batch_size, batch_format="numpy", concurrency=1,
+    )  # fmt: skip
+    probs = np.zeros((len(job.predict_rows), job.params.classes), dtype=np.float32)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        probs[batch["row"]] = batch["probs"]
+    return probs
+
+
+def prediction_rows(job: Job, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    rows = job.predict_rows
+    k = min(TOPK, len(classes))
+    order = np.argsort(-probs, axis=1)[:, :k]
+    names = np.asarray(classes)
+    label_idx = rows["label_idx"].to_numpy()
+    return pd.DataFrame({
+        "image_id": rows["image_id"].to_numpy(),
+        "member": job.member.label,
+        "fold": job.fold,
+        "predicted": names[order[:, 0]],
+        "confidence": probs[np.arange(len(rows)), order[:, 0]],
+        "label_prob": probs[np.arange(len(rows)), label_idx],
+        "topk_labels": [list(names[o]) for o in order],
+        "topk_probs": [list(probs[i, o]) for i, o in enumerate(order)],
+    })  # fmt: skip
+
+
+def concurrency(cfg: RunConfig, jobs: int) -> int:
+    """Trainings at once: as configured, else as many as the cluster's CPUs (or GPUs) hold."""
+    import ray
+
+    if cfg.train.concurrent_members:
+        return cfg.train.concurrent_members
+    resources = ray.cluster_resources()
+    per_job = cfg.train.num_workers
+    # One CPU per worker plus room for the data tasks feeding it.
+    slots = (
+        resources.get("GPU", 0) // per_job
+        if use_gpu(cfg.train.use_gpu)
+        else resources.get("CPU", 1) // (per_job * 2)
+    )
+    return int(max(1, min(jobs, slots)))
+
+
+class TrainStage(Stage):
+    name = "train"
+    resources = Resources(cpus=1)
+    config_sections: ClassVar[tuple[str, ...]] = ("train",)
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        cfg = ctx.cfg
+        images = manifests.read_manifest("images", ctx.manifest("images"))
+        ok = images[(images["status"] == "ok") & images["split"].notna()]
+        classes = sorted(ok["label"].dropna().unique())
+        storage.write_text_atomic(ctx.uri("models", "classes.json"), json.dumps(classes))
+        rows = training_rows(images, classes)
+        val_rows = rows[rows["split"] == "val"]
+        if val_rows.empty:
+            raise ValueError("training needs a val split for checkpoint selection (it never selects on test)")
+        jobs = make_jobs(cfg, rows, classes)
+        with ThreadPoolExecutor(max_workers=concurrency(cfg, len(jobs))) as pool:
+            results = list(pool.map(lambda j: fit(j, cfg, ctx, val_rows), jobs))
+        frames = [prediction_rows(j, predict(j, ctx, cfg.train.batch_size), classes) for j in jobs]
+        manifests.write_manifest(
+            "predictions", pd.concat(frames, ignore_index=True), ctx.manifest("predictions")
+        )
+        members = {j.member.label: r for j, r in zip(jobs, results, strict=True) if j.fold is None}
+        folds = {
+            f"{j.member.label}/fold-{j.fold}": r
+            for j, r in zip(jobs, results, strict=True)
+            if j.fold is not None
+        }
+        update_metrics(cfg.out, "training", {"members": members, "folds": folds, "classes": len(classes)})
+        summary = {m: {"val_top1": r["val_top1"], "val_top5": r["val_top5"]} for m, r in members.items()}
+        return {"members": summary, "models": len(jobs), "classes": len(classes)}

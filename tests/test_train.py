@@ -1,0 +1,131 @@
+"""Ensemble training on Ray Train: two passes, validation-only selection, resume after a killed worker,
+out-of-fold predictions covering every train image once per member."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import manifests
+from pipeline.faults import FaultPlan
+from pipeline.ingest import ingest_stages
+from pipeline.models.train_loop import TrainParams, make_optimizer, run_epoch, set_trainable
+from pipeline.models.zoo import build_model, head_parameters, trunk_parameters
+from pipeline.runner import run_stages
+from pipeline.stages.train import TrainStage
+from tests.conftest import ingest_config
+
+TINY = ["train.members=[{arch: resnet18, input_size: 32}]", "train.batch_size=16", "train.head_epochs=1",
+        "train.finetune_epochs=2", "train.patience=5"]  # fmt: skip
+
+
+def snapshot(params) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def changed(before, params) -> bool:
+    return any(not torch.equal(b, p.detach()) for b, p in zip(before, params, strict=True))
+
+
+def test_pass_one_trains_only_the_head_and_pass_two_the_trunk():
+    torch.manual_seed(0)
+    model = build_model("resnet18", classes=4, input_size=32)
+    p = TrainParams(
+        member="m", arch="resnet18", classes=4, model_dir="memory://m", head_epochs=1, finetune_epochs=1
+    )
+    batch = [{"image": torch.randn(8, 3, 32, 32), "label": torch.randint(0, 4, (8,))}]
+    bn = next(m for m in model.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+    head0, trunk0, stats0 = (
+        snapshot(head_parameters(model)),
+        snapshot(trunk_parameters(model)),
+        bn.running_mean.clone(),
+    )
+    model.train()
+    opt = make_optimizer(set_trainable(model, p, epoch=0), p, epoch=0)
+    run_epoch(model, batch, torch.device("cpu"), opt)
+    assert changed(head0, head_parameters(model))
+    assert not changed(trunk0, trunk_parameters(model))  # frozen trunk: weights ...
+    assert torch.equal(stats0, bn.running_mean)  # ... and batch-norm statistics untouched
+
+    trunk1 = snapshot(trunk_parameters(model))
+    model.train()
+    opt = make_optimizer(set_trainable(model, p, epoch=1), p, epoch=1)
+    assert opt.param_groups[0]["lr"] == p.lr_finetune
+    run_epoch(model, batch, torch.device("cpu"), opt)
+    assert changed(trunk1, trunk_parameters(model))
+
+
+def test_blockwise_unfreezing_opens_one_more_top_block_per_epoch():
+    model = build_model("resnet18", classes=3, input_size=32)
+    p = TrainParams(member="m", arch="resnet18", classes=3, model_dir="memory://m", head_epochs=1,
+                    finetune_epochs=3, unfreeze="blocks")  # fmt: skip
+    blocks = list(model.trunk.children())
+    for epoch, open_blocks in [(0, 0), (1, 1), (2, 2), (3, 3)]:
+        set_trainable(model, p, epoch)
+        trainable = [any(q.requires_grad for q in b.parameters()) for b in blocks if list(b.parameters())]
+        assert sum(trainable) == open_blocks and all(trainable[len(trainable) - open_blocks :])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_local, tmp_path_factory) -> Path:
+    from pipeline.synth import synthesize
+
+    data = tmp_path_factory.mktemp("train") / "data"
+    synthesize(str(data), classes=3, per_class=16, noise=0.0, seed=3)
+    out = data.parent / "run"
+    run_stages(ingest_config(data, out), ingest_stages())
+    return out
+
+
+def run_train(out: Path, *sets: str, faults: FaultPlan | None = None):
+    cfg = ingest_config(out.parent / "data", out, *TINY, *sets)
+    return run_stages(cfg, [*ingest_stages(), TrainStage()], faults or FaultPlan())
+
+
+def test_training_selects_on_val_only_and_resumes_a_killed_worker(tiny_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    shutil.copytree(tiny_run.parent / "data", tmp_path / "data")
+    report = run_train(out, faults=FaultPlan(kills=frozenset({("train:resnet18", 1)})))
+    model_dir = out / "models" / "resnet18"
+    assert (model_dir / "_killed_once").exists()  # the worker process really died in epoch 1 ...
+    history = json.loads((model_dir / "history.json").read_text())
+    assert history["starts"] == [0, 1]  # ... and the restart began at epoch 1, not from scratch
+    assert [r["epoch"] for r in history["history"]] == [0, 1, 2]
+    best = max(history["history"], key=lambda r: (r["val_top1"], -r["val_loss"]))
+    saved = torch.load(model_dir / "best.pt", weights_only=False)
+    assert saved["epoch"] == best["epoch"]  # the kept weights are the best on val
+
+    metrics = json.loads((out / "metrics.json").read_text())["training"]["members"]["resnet18"]
+    assert metrics["val_top1"] == best["val_top1"] and 0 <= metrics["val_top5"] <= 1
+    images = manifests.read_manifest("images", str(out / "manifests" / "images.parquet"))
+    preds = manifests.read_manifest("predictions", str(out / "manifests" / "predictions.parquet"))
+    split = preds.merge(images[["image_id", "split", "label"]], on="image_id")
+    assert set(split["split"]) == {"train", "val", "test"} and split["fold"].isna().all()
+    assert report.results["train"].stats["members"]["resnet18"]["val_top1"] == best["val_top1"]
+
+
+def test_out_of_fold_predictions_cover_every_train_image_once_per_member(tiny_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    shutil.copytree(tiny_run.parent / "data", tmp_path / "data")
+    run_train(out, "train.folds=2", "train.finetune_epochs=0")
+    images = manifests.read_manifest("images", str(out / "manifests" / "images.parquet"))
+    preds = manifests.read_manifest("predictions", str(out / "manifests" / "predictions.parquet"))
+    train_ids = set(images.loc[(images["status"] == "ok") & (images["split"] == "train"), "image_id"])
+    oof = preds[preds["fold"].notna()]
+    assert set(oof["image_id"]) == train_ids and oof.groupby(["image_id", "member"]).size().eq(1).all()
+    full = preds[preds["fold"].isna()].merge(images[["image_id", "split"]], on="image_id")
+    assert set(full["split"]) == {"val", "test"}  # with folds on, train images are judged out of fold only
+    assert pd.api.types.is_float_dtype(oof["label_prob"]) and oof["topk_labels"].map(len).eq(3).all()
+    for fold in (0, 1):  # a fold model never trained on the images it predicts
+        assert (out / "models" / "resnet18" / f"fold-{fold}" / "best.pt").exists()
