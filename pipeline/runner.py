@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -124,6 +125,4 @@ def run_stages(cfg: RunConfig, stages: Sequence[Stage], faults: FaultPlan | None
 
 
 def storage_key(chain: str) -> str:
-    import hashlib
-
     return hashlib.sha256(chain.encode()).hexdigest()[:16]
