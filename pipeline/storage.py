@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 import uuid
 from typing import Any
@@ -49,9 +50,16 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     """
     fs, path = get_fs(uri)
     parent = posixpath.dirname(path)
+    if isinstance(fs, LocalFileSystem):  # the hot path of every blob: plain syscalls
+        os.makedirs(parent or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+        return
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    if isinstance(fs, LocalFileSystem) or protocol_of(uri) == "memory":
+    if protocol_of(uri) == "memory":
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         fs.pipe_file(tmp, data)
         fs.mv(tmp, path)
