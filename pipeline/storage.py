@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
-from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -71,17 +70,6 @@ def write_text_atomic(uri: str, text: str) -> None:
     write_bytes_atomic(uri, text.encode("utf-8"))
 
 
-def makedirs(uri: str) -> None:
-    fs, path = get_fs(uri)
-    fs.makedirs(path, exist_ok=True)
-
-
-def remove(uri: str, recursive: bool = False) -> None:
-    fs, path = get_fs(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=recursive)
-
-
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Files directly under the folder ``uri`` (full URIs, sorted); empty when the folder is missing."""
     fs, path = get_fs(uri)
@@ -90,9 +78,3 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     entries = fs.ls(path, detail=True)
     names = [e["name"] for e in entries if e.get("type") == "file" and e["name"].endswith(suffix)]
     return sorted(join(uri, posixpath.basename(n)) for n in names)
-
-
-def storage_options(uri: str) -> dict[str, Any]:
-    """Keyword arguments for pyarrow/Ray readers that take a filesystem."""
-    fs, _ = get_fs(uri)
-    return {"filesystem": fs}

@@ -13,8 +13,7 @@ import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import requests
@@ -196,8 +195,7 @@ def _cache_uri(cache_dir: str, engine: str, query: str, page: int) -> str:
     return storage.join(cache_dir, engine, f"{digest}.json")
 
 
-def search(provider: Provider, query: str, want: int, cache_dir: str,
-           on_page: Callable[[int], None] | None = None) -> tuple[list[SearchHit], str | None]:  # fmt: skip
+def search(provider: Provider, query: str, want: int, cache_dir: str) -> tuple[list[SearchHit], str | None]:
     """Up to ``want`` distinct image hits for ``query``, paging as needed; pages come from the cache
     when a previous run fetched them. Returns the hits and, if the provider stopped part-way (quota,
     auth), its error: the hits of the pages before it are kept."""
@@ -215,8 +213,6 @@ def search(provider: Provider, query: str, want: int, cache_dir: str,
             except ProviderError as exc:
                 return hits[:want], str(exc)
             storage.write_text_atomic(uri, json.dumps(rows))
-            if on_page:
-                on_page(page)
         for i, (url, page_url, lic) in enumerate(rows):
             if url not in seen:
                 seen.add(url)
@@ -227,7 +223,3 @@ def search(provider: Provider, query: str, want: int, cache_dir: str,
             break
         page += 1
     return hits[:want], None
-
-
-def hit_dict(hit: SearchHit) -> dict[str, Any]:
-    return asdict(hit)

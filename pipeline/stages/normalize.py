@@ -49,12 +49,8 @@ def is_url(locator: str) -> bool:
 
 
 def fetcher_for(cfg: FetchConfig) -> Fetcher:
-    params = FetchParams(
-        user_agent=cfg.user_agent, connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout,
-        deadline=cfg.deadline, retries=cfg.retries, backoff=cfg.backoff, max_retry_after=cfg.max_retry_after,
-        max_redirects=cfg.max_redirects, max_bytes=cfg.max_bytes, per_host=cfg.per_host,
-        per_host_delay=cfg.per_host_delay, honor_robots=cfg.honor_robots,
-    )  # fmt: skip
+    # FetchParams names a subset of the fetch config's keys: take those, whatever they are.
+    params = FetchParams(**{name: getattr(cfg, name) for name in FetchParams.__dataclass_fields__})
     return Fetcher(params, NetworkGuard.from_cidrs(cfg.allow_networks, enabled=cfg.guard))
 
 

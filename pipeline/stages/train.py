@@ -10,6 +10,7 @@ image gets class probabilities from models that never saw it (out-of-fold). Pred
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -136,7 +137,7 @@ class Predictor:
     def __init__(self, model_uri: str) -> None:
         from pipeline.models.zoo import build_model as build
 
-        saved = torch.load(_bytes_io(model_uri), map_location="cpu", weights_only=False)
+        saved = torch.load(io.BytesIO(storage.read_bytes(model_uri)), map_location="cpu", weights_only=False)
         p = TrainParams(**saved["params"])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = build(p.arch, p.classes, head=p.head, input_size=p.input_size)
@@ -147,12 +148,6 @@ class Predictor:
         with torch.no_grad():
             logits = self.model(torch.from_numpy(batch["image"]).to(self.device))
         return {"row": batch["row"], "probs": torch.softmax(logits.float(), dim=1).cpu().numpy()}
-
-
-def _bytes_io(uri: str):
-    import io
-
-    return io.BytesIO(storage.read_bytes(uri))
 
 
 def predict(job: Job, ctx: RunContext, batch_size: int) -> np.ndarray:
