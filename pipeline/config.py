@@ -90,7 +90,9 @@ class FetchConfig(_Section):
     )
     connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect.")
     read_timeout: float = Field(10.0, gt=0, description="Seconds without data before a read times out.")
-    deadline: float = Field(30.0, gt=0, description="Seconds per URL in all, retries included.")
+    deadline: float = Field(
+        30.0, gt=0, description="Seconds per URL in all, retries included; time queued per host not counted."
+    )
     retries: int = Field(2, ge=0, description="Retries within a run on 429, 5xx and timeouts.")
     backoff: float = Field(0.5, ge=0, description="Base of the exponential backoff, seconds (plus jitter).")
     max_retry_after: float = Field(20.0, ge=0, description="Longest Retry-After honoured, seconds.")

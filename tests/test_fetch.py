@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 
 import pytest
@@ -98,6 +99,23 @@ def test_5xx_retried_with_backoff_then_success(fetcher, server):
     assert got.status == Status.OK and got.tries == 2 and server.hits["/flaky/k2"] == 2
     got = fetch(fetcher, server, "/flaky/k3?fail=5")  # more failures than retries: a retryable failure
     assert (got.status, got.reason, got.tries) == (Status.FAILED, Reason.HTTP_5XX, 2) and got.retryable
+
+
+def test_time_queued_behind_the_per_host_cap_and_delay_does_not_count_against_the_deadline(server):
+    # The waits are this fetcher's politeness towards the host, not the host's slowness: a URL the host
+    # serves at once must not time out for having queued.
+    params = FetchParams(read_timeout=0.6, deadline=0.5, retries=0, per_host=1, per_host_delay=0.8)
+    fetcher = Fetcher(params, NetworkGuard.from_cidrs(["127.0.0.1/32"]))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            stalled = pool.submit(fetch, fetcher, server, "/stall")
+            time.sleep(0.1)  # /stall takes the one slot first and holds it until the deadline cuts it off
+            queued = [pool.submit(fetch, fetcher, server, f"/img/queued-{i}.jpg") for i in range(2)]
+            assert (stalled.result().status, stalled.result().reason) == (Status.FAILED, Reason.TIMEOUT)
+            for got in queued:  # each waited > 0.5 s for the slot and the delay before its request
+                assert got.result().status == Status.OK and decodes(got.result().data)
+    finally:
+        fetcher.close()
 
 
 def test_robots_tag_can_be_ignored_and_other_directives_do_not_count(server):

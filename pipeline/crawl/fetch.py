@@ -67,6 +67,20 @@ class FetchOutcome:
         return self.status == Status.FAILED and self.reason in RETRYABLE
 
 
+class _Deadline:
+    """A URL's total time budget. Time spent queued behind this fetcher's own per-host cap and delay is
+    added back: politeness towards a host must not turn a URL that host would serve into a timeout."""
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+
+    def extend(self, seconds: float) -> None:
+        self.at += seconds
+
+    def left(self) -> float:
+        return self.at - time.monotonic()
+
+
 class _Abort(Exception):
     def __init__(self, outcome: FetchOutcome) -> None:
         self.outcome = outcome
@@ -155,7 +169,7 @@ class Fetcher:
     def fetch(self, url: str) -> FetchOutcome:
         """Fetch ``url``; never raises for anything the network or the server does."""
         p = self.params
-        deadline = time.monotonic() + p.deadline
+        deadline = _Deadline(p.deadline)
         outcome = FetchOutcome(Status.FAILED, Reason.TIMEOUT, "deadline passed before the first try")
         for attempt in range(p.retries + 1):
             outcome = self._follow(url, deadline)
@@ -165,12 +179,12 @@ class Fetcher:
             wait = p.backoff * 2**attempt + self._rng.uniform(0, p.backoff)
             if outcome.retry_after is not None:  # the server said when: wait that long (within reason)
                 wait = max(wait, min(outcome.retry_after, p.max_retry_after))
-            if time.monotonic() + wait >= deadline:
+            if wait >= deadline.left():
                 break
             time.sleep(wait)
         return outcome
 
-    def _follow(self, url: str, deadline: float) -> FetchOutcome:
+    def _follow(self, url: str, deadline: _Deadline) -> FetchOutcome:
         current = url
         for _ in range(self.params.max_redirects + 1):
             try:
@@ -192,7 +206,7 @@ class Fetcher:
             Status.FAILED, Reason.TOO_MANY_REDIRECTS, f"more than {self.params.max_redirects}"
         )
 
-    def _request(self, url: str, deadline: float) -> urllib3.BaseHTTPResponse:
+    def _request(self, url: str, deadline: _Deadline) -> urllib3.BaseHTTPResponse:
         p = self.params
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -216,12 +230,15 @@ class Fetcher:
             "Accept": "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.9,*/*;q=0.5",
             "Accept-Encoding": "gzip, deflate",
         }
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise _Abort(FetchOutcome(Status.FAILED, Reason.TIMEOUT, "total deadline passed"))
-        timeout = urllib3.Timeout(connect=min(p.connect_timeout, left), read=min(p.read_timeout, left))
+        gate, queued_at = self._gate(host), time.monotonic()
         try:
-            with self._gate(host):
+            with gate:
+                deadline.extend(time.monotonic() - queued_at)
+                left = deadline.left()
+                if left <= 0:
+                    raise _Abort(FetchOutcome(Status.FAILED, Reason.TIMEOUT, "total deadline passed"))
+                connect, read = min(p.connect_timeout, left), min(p.read_timeout, left)
+                timeout = urllib3.Timeout(connect=connect, read=read)
                 return self._pool(parts.scheme, host, port, ip).urlopen(
                     "GET", path, headers=headers, redirect=False, retries=False, timeout=timeout,
                     preload_content=False, decode_content=True, assert_same_host=False,
@@ -231,7 +248,7 @@ class Fetcher:
         except (NewConnectionError, ProtocolError, HTTPError, OSError) as exc:
             raise _Abort(FetchOutcome(Status.FAILED, Reason.CONNECTION_ERROR, type(exc).__name__)) from None
 
-    def _read(self, response: urllib3.BaseHTTPResponse, url: str, deadline: float) -> FetchOutcome:
+    def _read(self, response: urllib3.BaseHTTPResponse, url: str, deadline: _Deadline) -> FetchOutcome:
         p = self.params
         complete = False
 
@@ -257,7 +274,7 @@ class Fetcher:
                 body += chunk
                 if len(body) > p.max_bytes:  # decompressed bytes: a gzip bomb stops here too
                     return end(Status.REJECTED, Reason.TOO_LARGE, f"body over {p.max_bytes} bytes")
-                if time.monotonic() > deadline:
+                if deadline.left() < 0:
                     return end(Status.FAILED, Reason.TIMEOUT, "total deadline passed while reading")
             complete = True
             return end(Status.OK, data=bytes(body))
