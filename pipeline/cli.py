@@ -35,7 +35,10 @@ def _config_from_args(args: argparse.Namespace, doc: dict[str, Any]) -> RunConfi
 def cmd_synth(args: argparse.Namespace) -> int:
     from pipeline.synth import synthesize
 
-    s = synthesize(args.out, classes=args.classes, per_class=args.per_class, noise=args.noise, seed=args.seed)
+    s = synthesize(
+        args.out, classes=args.classes, per_class=args.per_class, noise=args.noise, seed=args.seed,
+        clutter=args.clutter,
+    )  # fmt: skip
     print(f"wrote {s.n_files} files in {len(s.classes)} classes to {s.root}")
     for kind, n in sorted(s.counts.items()):
         print(f"  {kind:20s} {n}")
@@ -133,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=40)
     p.add_argument("--noise", type=float, default=0.1, help="label-flip rate in train")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--clutter", type=float, default=1.0, help="background busyness: 1 default, 0 a plain gradient"
+    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("ingest", help="read, validate, normalize, dedupe and split a dataset")

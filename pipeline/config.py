@@ -5,17 +5,27 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.models import is_weights_file
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
 class ConfigError(ValueError):
     """A run config is invalid; the message names the key and what is allowed."""
+
+
+def absolute_local(uri: str | None) -> str | None:
+    """Local paths made absolute: Ray workers (Ray Train's especially) run in other directories."""
+    if uri is None or "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
 
 
 class _Section(BaseModel):
@@ -39,6 +49,8 @@ class SourceConfig(_Section):
     synonyms: dict[str, list[str]] = Field(
         default_factory=dict, description="search: more queries per class, e.g. {pho: [pho soup]}."
     )
+
+    _absolute_uri = field_validator("uri")(lambda v: absolute_local(v))
 
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> SourceConfig:
@@ -173,6 +185,11 @@ class MemberConfig(_Section):
     )
     input_size: int | None = Field(None, ge=32, description="Training input side; default: the arch's own.")
 
+    @field_validator("weights")
+    @classmethod
+    def _absolute_weights_file(cls, v: str | None) -> str | None:
+        return absolute_local(v) if v and is_weights_file(v) else v
+
     @property
     def label(self) -> str:
         return self.name or self.arch
@@ -232,6 +249,8 @@ class RunConfig(_Section):
     split: SplitConfig = Field(SplitConfig(), description="Train/val/test assignment.")
     balance: BalanceConfig = Field(BalanceConfig(), description="Per-class caps and minimums.")
     train: TrainConfig = Field(TrainConfig(), description="Fine-tuning the ensemble.")
+
+    _absolute_out = field_validator("out")(lambda v: absolute_local(v))
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> RunConfig:

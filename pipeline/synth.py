@@ -283,8 +283,11 @@ def _decoy_style(rng: np.random.Generator, styles: list[ClassStyle]) -> ClassSty
     return ClassStyle("circle", "checker", ("black", "white"))
 
 
-def _background(rng: np.random.Generator, w: int, h: int, styles: list[ClassStyle]) -> Image.Image:
-    """Cluttered background: gradient, blurred blobs, lines, textured patches and decoy objects."""
+def _background(
+    rng: np.random.Generator, w: int, h: int, styles: list[ClassStyle], clutter: float = 1.0
+) -> Image.Image:
+    """Cluttered background: gradient, blurred blobs, lines, textured patches and decoy objects, their
+    counts scaled by ``clutter`` (the random draws stay the same, so 1.0 always gives the same image)."""
     short = min(w, h)
     # A colour gradient, computed small and upscaled (it is smooth anyway).
     gw, gh = max(2, w // 8), max(2, h // 8)
@@ -299,13 +302,13 @@ def _background(rng: np.random.Generator, w: int, h: int, styles: list[ClassStyl
     hw, hh, hs = max(1, w // 2), max(1, h // 2), short / 2
     layer = Image.new("RGBA", (hw, hh), (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
-    for _ in range(int(rng.integers(14, 24))):
+    for _ in range(round(int(rng.integers(14, 24)) * clutter)):
         cx, cy = rng.uniform(0, hw), rng.uniform(0, hh)
         rx, ry = rng.uniform(0.04, 0.25) * hs, rng.uniform(0.04, 0.25) * hs
         fill = (*(int(c) for c in rng.integers(0, 256, 3)), int(rng.integers(90, 230)))
         box = (cx - rx, cy - ry, cx + rx, cy + ry)
         (draw.ellipse if rng.random() < 0.6 else draw.rectangle)(box, fill=fill)
-    for _ in range(int(rng.integers(6, 14))):
+    for _ in range(round(int(rng.integers(6, 14)) * clutter)):
         pts = [(rng.uniform(0, hw), rng.uniform(0, hh)) for _ in range(2)]
         fill = (*(int(c) for c in rng.integers(0, 256, 3)), 220)
         draw.line(pts, fill=fill, width=max(1, int(rng.uniform(0.006, 0.025) * hs)))
@@ -314,14 +317,14 @@ def _background(rng: np.random.Generator, w: int, h: int, styles: list[ClassStyl
 
     # Translucent textured patches, then decoys that differ from a class in one attribute only.
     colors = list(PALETTE)
-    for _ in range(int(rng.integers(3, 6))):
+    for _ in range(round(int(rng.integers(3, 6)) * clutter)):
         side = max(3, int(rng.uniform(0.1, 0.3) * short))
         pair = tuple(colors[int(j)] for j in rng.choice(len(colors), 2, replace=False))
         texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
         patch = ClassStyle("circle" if rng.random() < 0.5 else "square", texture, pair)  # type: ignore[arg-type]
         xy = int(rng.integers(-side // 3, w - side // 2)), int(rng.integers(-side // 3, h - side // 2))
         _paste_textured(rng, canvas, patch, side, xy, rng.uniform(1.5, 3.5), 30, rng.uniform(0.5, 0.9))
-    for _ in range(int(rng.integers(DECOYS[0], DECOYS[1] + 1))):
+    for _ in range(round(int(rng.integers(DECOYS[0], DECOYS[1] + 1)) * clutter)):
         side = max(3, int(rng.uniform(*DECOY_SCALE) * short))
         xy = (
             int(rng.integers(-side // 4, w - 3 * side // 4)),
@@ -335,10 +338,15 @@ _QUARTER_COVERED = [255 if a >= 64 else 0 for a in range(256)]
 
 
 def _render(
-    rng: np.random.Generator, style: ClassStyle | None, w: int, h: int, styles: list[ClassStyle]
+    rng: np.random.Generator,
+    style: ClassStyle | None,
+    w: int,
+    h: int,
+    styles: list[ClassStyle],
+    clutter: float = 1.0,
 ) -> tuple[Image.Image, tuple[int, int, int, int] | None]:
     """An RGB image with one object of `style` (or none), and the object's box (x1, y1 exclusive)."""
-    canvas = _background(rng, w, h, styles)
+    canvas = _background(rng, w, h, styles, clutter)
     box = None
     if style is not None:
         side = max(4, int(rng.uniform(*OBJECT_SCALE) * min(w, h)))
@@ -449,7 +457,12 @@ def _gif(img: Image.Image) -> bytes:
 
 
 def _hostile_bytes(
-    rng: np.random.Generator, item: _Item, style: ClassStyle, styles: list[ClassStyle], side: int
+    rng: np.random.Generator,
+    item: _Item,
+    style: ClassStyle,
+    styles: list[ClassStyle],
+    side: int,
+    clutter: float = 1.0,
 ) -> None:
     """Render and encode an injected hostile file, recording its box and displayed size."""
     kind = item.kind
@@ -470,7 +483,7 @@ def _hostile_bytes(
         w, h = (int(s) for s in rng.integers(24, 41, 2))  # both sides well under the 64 px minimum
     else:
         w, h = _size(rng, side)
-    img, box = _render(rng, style, w, h, styles)
+    img, box = _render(rng, style, w, h, styles, clutter)
     item.box, item.size = box, (w, h)
     if kind == "too_small":
         item.data = _jpeg(img)
@@ -681,17 +694,21 @@ def synthesize(
     seed: int = 0,
     test_fraction: float = 0.25,
     image_side: int = 256,
+    clutter: float = 1.0,
 ) -> SynthSummary:
     """Write a Food-101-layout dataset with injected problems and its ground truth under `out`.
 
     `per_class` base images go in each class folder (a `test_fraction` of them in test, a `noise`
     share of the train ones label-flipped); duplicates and hostile files come on top. The same
-    arguments always give byte-identical files.
+    arguments always give byte-identical files. ``clutter`` scales how busy backgrounds are (blobs,
+    lines, textured patches, decoy objects): 1.0 is the default, 0 leaves a plain gradient.
     """
     if classes < 1 or per_class < 1:
         raise ValueError("classes and per_class must be at least 1")
     if not 0 <= noise <= 1 or not 0 <= test_fraction <= 1:
         raise ValueError("noise and test_fraction must lie in [0, 1]")
+    if clutter < 0:
+        raise ValueError("clutter must be >= 0")
     names = class_names(classes)
     styles = dict(zip(names, class_styles(classes), strict=True))
     style_list = list(styles.values())
@@ -713,11 +730,11 @@ def synthesize(
         elif item.kind in ("clean", "label_flip"):
             assert item.drawn is not None
             item.size = _size(rng, image_side)
-            img, item.box = _render(rng, styles[item.drawn], *item.size, style_list)
+            img, item.box = _render(rng, styles[item.drawn], *item.size, style_list, clutter)
             item.data = _jpeg(img)
         else:
             assert item.drawn is not None
-            _hostile_bytes(rng, item, styles[item.drawn], style_list, image_side)
+            _hostile_bytes(rng, item, styles[item.drawn], style_list, image_side, clutter)
 
     is_dup = [it.duplicate_of is not None for it in items]
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:

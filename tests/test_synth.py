@@ -85,6 +85,23 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert a.keys() != c.keys() or any(a[k] != c[k] for k in a)
 
 
+def test_clutter_scales_the_background_and_keeps_the_objects(tmp_path):
+    runs = {c: tmp_path / f"clutter-{c}" for c in (1.0, 0.0)}
+    for clutter, path in runs.items():
+        synthesize(str(path), classes=3, per_class=6, seed=7, image_side=96, clutter=clutter)
+    synthesize(str(tmp_path / "default"), classes=3, per_class=6, seed=7, image_side=96)
+    busy, plain = _files(runs[1.0]), _files(runs[0.0])
+    assert busy == _files(tmp_path / "default")  # 1.0 is the default, byte for byte
+    truth = {c: pq.read_table(p / "ground_truth.parquet").to_pandas() for c, p in runs.items()}
+    same = ["source_key", "given_label", "true_label", "kind"]  # same files, labels and kinds
+    assert truth[0.0][same].equals(truth[1.0][same])
+    clean = truth[1.0].loc[truth[1.0]["kind"] == "clean", "source_key"]
+    # A plain gradient compresses far better than blobs, lines, patches and decoys.
+    assert sum(len(plain[k]) for k in clean) < 0.6 * sum(len(busy[k]) for k in clean)
+    with pytest.raises(ValueError, match="clutter"):
+        synthesize(str(tmp_path / "bad"), classes=2, per_class=2, clutter=-1)
+
+
 def test_memory_filesystem():
     out = "memory://synth-test/data"
     summary = synthesize(out, classes=2, per_class=4, seed=1, image_side=96)

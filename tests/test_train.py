@@ -13,7 +13,8 @@ import torch
 from pipeline import manifests
 from pipeline.faults import FaultPlan
 from pipeline.ingest import ingest_stages
-from pipeline.models.train_loop import TrainParams, make_optimizer, run_epoch, set_trainable
+from pipeline.models.data import Augment, ray_dataset, training_rows
+from pipeline.models.train_loop import TrainParams, make_optimizer, run_epoch, set_trainable, train_batches
 from pipeline.models.zoo import build_model, head_parameters, trunk_parameters
 from pipeline.runner import run_stages
 from pipeline.stages.train import TrainStage
@@ -129,3 +130,18 @@ def test_out_of_fold_predictions_cover_every_train_image_once_per_member(tiny_ru
     assert pd.api.types.is_float_dtype(oof["label_prob"]) and oof["topk_labels"].map(len).eq(3).all()
     for fold in (0, 1):  # a fold model never trained on the images it predicts
         assert (out / "models" / "resnet18" / f"fold-{fold}" / "best.pt").exists()
+
+
+def test_training_batches_mix_the_classes_and_change_order_each_epoch(tiny_run):
+    images = manifests.read_manifest("images", str(tiny_run / "manifests" / "images.parquet"))
+    rows = training_rows(images, sorted(images["label"].dropna().unique()))
+    rows = rows[rows["split"] == "train"].sort_values("label_idx")  # the worst case: class by class
+    ds = ray_dataset(rows, str(tiny_run), 32, Augment(), batch_size=8)
+    p = TrainParams(member="m", arch="resnet18", classes=3, model_dir="memory://m", batch_size=8)
+    orders = []
+    for epoch in (0, 1):
+        batches = list(train_batches(ds.iterator(), p, epoch))
+        assert sorted(r for b in batches for r in b["row"].tolist()) == list(range(len(rows)))  # all, once
+        assert all(b["label"].unique().numel() >= 2 for b in batches[:-1])  # every full batch mixes classes
+        orders.append([r for b in batches for r in b["row"].tolist()])
+    assert orders[0] != orders[1]

@@ -78,13 +78,15 @@ def training_rows(images: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
 
 
 def ray_dataset(rows: pd.DataFrame, out: str, size: int, augment: Augment | None, batch_size: int = 32,
-                cache_bytes: int = 2**30):  # fmt: skip
+                cache_bytes: int = 2**30, seed: int = 0):  # fmt: skip
     """A Ray Dataset of these rows' images: decoded and normalized (evaluation), or decoded then
     augmented afresh each epoch (training)."""
     import ray
 
     frame = pd.DataFrame({"path": rows["path"].to_numpy(), "label": rows["label_idx"].to_numpy(),
                           "row": np.arange(len(rows))})  # fmt: skip
+    if augment is not None:  # training: mix the classes across blocks (the manifest groups them)
+        frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     base_size = size if augment is None else round(size * 8 / 7)  # crops need a little room
     decoded = ray.data.from_pandas(frame).map_batches(
         decode_batch, batch_size=batch_size, batch_format="numpy",

@@ -24,6 +24,8 @@ from torch import nn
 from pipeline import storage
 from pipeline.models.zoo import build_model, head_parameters, trunk_blocks
 
+SHUFFLE_BUFFER = 2048  # rows; each epoch shuffles within this window (row order is also permuted once)
+
 
 @dataclass
 class TrainParams:
@@ -118,13 +120,20 @@ def run_epoch(model: nn.Module, batches: Any, device: torch.device, optimizer: t
                 optimizer.step()
             n = len(y)
             total += n
-            loss_sum += float(loss) * n
+            loss_sum += float(loss.detach()) * n
             top1 += topk_hits(logits, y, 1)
             top5 += topk_hits(logits, y, 5)
             if on_batch:
                 on_batch(i)
     return {"loss": loss_sum / max(total, 1), "top1": top1 / max(total, 1), "top5": top5 / max(total, 1),
             "images": total}  # fmt: skip
+
+
+def train_batches(shard: Any, p: TrainParams, epoch: int) -> Any:
+    """An epoch's training batches, shuffled: the manifest lists images class by class, and batches of
+    one class each do not train at all."""
+    return shard.iter_torch_batches(batch_size=p.batch_size, local_shuffle_buffer_size=SHUFFLE_BUFFER,
+                                    local_shuffle_seed=p.seed + epoch)  # fmt: skip
 
 
 def save_torch(obj: Any, uri: str) -> None:
@@ -182,9 +191,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             phase = epoch_phase
         model.train()
         set_trainable(model, p, epoch)  # re-applies eval() on frozen batch norms after train()
-        batches = train_shard.iter_torch_batches(batch_size=p.batch_size)
+        t0 = time.perf_counter()
+        batches = train_batches(train_shard, p, epoch)
         train = run_epoch(model, batches, device, optimizer, on_batch=lambda i, e=epoch: _maybe_die(p, e, i))
+        t1 = time.perf_counter()
         val = run_epoch(model, val_shard.iter_torch_batches(batch_size=p.batch_size), device, None)
+        t2 = time.perf_counter()
         improved = val["top1"] > state.best_top1 or (
             val["top1"] == state.best_top1 and val["loss"] < state.best_loss
         )
@@ -204,7 +216,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         record = {
             "epoch": epoch, "phase": epoch_phase, "train_loss": train["loss"], "train_top1": train["top1"],
             "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
-            "best_epoch": state.best_epoch,
+            "best_epoch": state.best_epoch, "train_s": round(t1 - t0, 2), "val_s": round(t2 - t1, 2),
         }  # fmt: skip
         state.history.append(record)
         state.epoch = epoch + 1

@@ -19,6 +19,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from pipeline import storage
+from pipeline.models import is_weights_file
 
 
 class ModelError(ValueError):
@@ -108,7 +109,7 @@ def _torchvision_model(arch: str, weights: str | None) -> nn.Module:
     extra = {"aux_logits": False, "init_weights": False} if arch == "inception_v3" else {}
     if weights is None:
         return ctor(weights=None, **extra)
-    if "/" in weights or weights.endswith((".pt", ".pth", ".ckpt")):  # a file: load it ourselves
+    if is_weights_file(weights):  # a file: load it ourselves
         model = ctor(weights=None, **extra)
         state = load_state(weights)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -157,6 +158,13 @@ def build_model(arch: str, classes: int, *, head: str = "linear", weights: str |
     if size < spec.min_size:
         raise ModelError(f"{arch}: input size {size} is below its minimum {spec.min_size}")
     tv = _torchvision_model(arch, weights)
+    if weights is None:
+        # Some torchvision models (MobileNetV3, EfficientNet) set batch-norm momentum to 0.01 for long
+        # ImageNet runs; from random init over a few hundred steps the running statistics would then
+        # still be far from the data at evaluation time.
+        for module in tv.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None:
+                module.momentum = max(module.momentum, 0.1)
     head_module = make_head(head, spec.features, classes, dropout, spec.head_norm(tv))
     return Classifier(arch, spec.trunk(tv), head_module, size)
 

@@ -111,7 +111,7 @@ def fit(job: Job, cfg: RunConfig, ctx: RunContext, val_rows: pd.DataFrame) -> di
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
         datasets={
-            "train": ray_dataset(job.train_rows, ctx.out, size, augment, t.batch_size),
+            "train": ray_dataset(job.train_rows, ctx.out, size, augment, t.batch_size, seed=t.seed),
             "val": ray_dataset(val_rows, ctx.out, size, None, t.batch_size),
         },
         dataset_config=DataConfig(datasets_to_split=["train"]),
