@@ -116,3 +116,15 @@ def test_config_reference_doc_is_current():
 
     doc = Path(__file__).resolve().parent.parent / "docs" / "config.md"
     assert doc.read_text() == reference_markdown(), "regenerate: python -m pipeline.config > docs/config.md"
+
+
+def test_local_paths_become_absolute_since_ray_workers_run_elsewhere(tmp_path, monkeypatch):
+    # Ray Train workers run in their own directories: a relative OUT would scatter files there.
+    monkeypatch.chdir(tmp_path)
+    members = [{"arch": "resnet18", "weights": "w/r18.pth"}, {"arch": "resnet50", "weights": "DEFAULT"}]
+    sources = [{"uri": "data"}, {"uri": "s3://b/urls.csv", "name": "web"}]
+    doc = {"out": "runs/r1", "sources": sources, "train": {"members": members}}
+    cfg = build_config(doc)
+    assert cfg.out == str(tmp_path / "runs" / "r1")
+    assert [s.uri for s in cfg.sources] == [str(tmp_path / "data"), "s3://b/urls.csv"]
+    assert [m.weights for m in cfg.train.members] == [str(tmp_path / "w" / "r18.pth"), "DEFAULT"]
