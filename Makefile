@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test lint bench bench-dedupe bench-download lock clean-demo venv
+.PHONY: demo test lint bench bench-dedupe bench-download bench-train lock clean-demo venv
 
 venv: $(STAMP)
 
@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: bench-dedupe bench-download
+bench: bench-dedupe bench-download bench-train
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)
@@ -44,6 +44,9 @@ $(PEER_VENV)/.stamp: bench/img2dataset-constraints.txt
 
 bench-download: $(STAMP) $(PEER_VENV)/.stamp
 	$(PY) bench/download.py --peer-python $(PEER_VENV)/bin/python
+
+bench-train: $(STAMP)
+	$(PY) bench/train.py
 
 # Re-resolve the pins from pyproject.toml into constraints.txt (needs the registry).
 lock:

@@ -217,7 +217,12 @@ class TrainStage(Stage):
         jobs = make_jobs(cfg, rows, classes)
         with ThreadPoolExecutor(max_workers=concurrency(cfg, len(jobs))) as pool:
             results = list(pool.map(lambda j: fit(j, cfg, ctx, val_rows), jobs))
-        frames = [prediction_rows(j, predict(j, ctx, cfg.train.batch_size), classes) for j in jobs]
+        frames = []
+        for job, result in zip(jobs, results, strict=True):
+            start = time.perf_counter()
+            frames.append(prediction_rows(job, predict(job, ctx, cfg.train.batch_size), classes))
+            seconds = time.perf_counter() - start  # Ray Data start-up and model load included
+            result["predict_images_per_s"] = round(len(job.predict_rows) / max(seconds, 1e-9), 1)
         manifests.write_manifest(
             "predictions", pd.concat(frames, ignore_index=True), ctx.manifest("predictions")
         )
