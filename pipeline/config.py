@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.models import is_weights_file
+from pipeline.models import is_weights_file, min_input_size
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -172,23 +172,32 @@ class BalanceConfig(_Section):
 
 ARCH_NAMES = Literal[
     "resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "densenet121",
-    "vgg16_bn", "inception_v3", "regnet_y_400mf", "convnext_tiny",
+    "vgg16_bn", "inception_v3", "regnet_y_400mf", "convnext_tiny", "small_cnn",
 ]  # fmt: skip
 
 
 class MemberConfig(_Section):
-    arch: ARCH_NAMES = Field(description="torchvision architecture.")
+    arch: ARCH_NAMES = Field(
+        description="torchvision architecture, or small_cnn (ours, for CPU runs from random init)."
+    )
     name: str | None = Field(None, description="Member name in manifests and OUT/models/; default: the arch.")
     head: Literal["linear", "mlp"] = Field("linear", description="linear, or the paper's MLP 1024-512-C.")
     weights: str | None = Field(
         None, description="None (random init), a torchvision weights name (DEFAULT, IMAGENET1K_V1) or a file."
     )
-    input_size: int | None = Field(None, ge=32, description="Training input side; default: the arch's own.")
+    input_size: int | None = Field(None, ge=8, description="Training input side; default: the arch's own.")
 
     @field_validator("weights")
     @classmethod
     def _absolute_weights_file(cls, v: str | None) -> str | None:
         return absolute_local(v) if v and is_weights_file(v) else v
+
+    @model_validator(mode="after")
+    def _input_size(self) -> MemberConfig:
+        if self.input_size is not None and self.input_size < min_input_size(self.arch):
+            raise ValueError(f"input_size: {self.arch} needs at least {min_input_size(self.arch)}, "
+                             f"got {self.input_size}")  # fmt: skip
+        return self
 
     @property
     def label(self) -> str:
@@ -206,6 +215,9 @@ class TrainConfig(_Section):
     lr_head: float = Field(1e-3, gt=0)
     lr_finetune: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="Learning rate over each pass's epochs: cosine decay to zero, or constant."
+    )
     unfreeze: Literal["all", "blocks"] = Field(
         "all", description="Pass 2 unfreezes all, or a block per epoch."
     )
@@ -220,6 +232,9 @@ class TrainConfig(_Section):
     folds: int = Field(0, ge=0, description="Cross-fitting: K fold models per member (0: off; else K >= 2).")
     crop_models: Literal["full", "folds"] = Field("full", description="Which models crop: full-data or fold.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers per member (data parallel).")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs each Ray Train worker reserves; torch uses as many threads (at least 1)."
+    )
     use_gpu: Literal["auto", "yes", "no"] = Field("auto", description="auto: GPUs when the cluster has any.")
     concurrent_members: int | None = Field(None, ge=1, description="Trainings at once; default: what fits.")
     max_failures: int = Field(

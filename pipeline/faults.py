@@ -2,8 +2,8 @@
 
 ``CROPCLEAN_FAIL_SHARDS="dedupe:2,normalize:0"`` makes those shards raise every time they run, as a
 crashed or poisoned shard would. ``CROPCLEAN_KILL="train:resnet18@1"`` ends a training worker's process
-abruptly, once, in the middle of that epoch. Read on the driver and passed to tasks, so they reach
-every node.
+abruptly, once, in the middle of that epoch (an epoch equal to the number of epochs: while it
+predicts). Read on the driver and passed to tasks, so they reach every node.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ class FaultPlan:
             kills.add((what, int(epoch)))
         return cls(frozenset(items), frozenset(kills))
 
-    def kill_epoch(self, what: str) -> int | None:
-        return next((epoch for name, epoch in self.kills if name == what), None)
+    def kill_epochs(self, what: str) -> list[int]:
+        return sorted(epoch for name, epoch in self.kills if name == what)
 
     def check(self, stage: str, shard: int) -> None:
         if (stage, shard) in self.failing:

@@ -65,6 +65,8 @@ def test_range_and_cross_field_checks():
         build_config({**BASE, "split": {"train": 0.9, "val": 0.1, "test": 0.1}})
     with pytest.raises(ConfigError, match="required key is missing"):
         build_config({"sources": [{"uri": "/d"}]})
+    with pytest.raises(ConfigError, match="inception_v3 needs at least 75, got 64"):
+        build_config({**BASE, "train": {"members": [{"arch": "inception_v3", "input_size": 64}]}})
 
 
 def test_unknown_preset_lists_presets():

@@ -8,6 +8,7 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
+from pipeline.models.small_cnn import SmallCNN
 from pipeline.models.zoo import ARCHS, ModelError, build_model, head_parameters, trunk_parameters
 
 # The original torchvision head applied to the pooled trunk features (VGG's flattens a 7x7 map: none).
@@ -68,11 +69,24 @@ def test_errors_name_the_allowed_values(tmp_path):
         build_model("resnet18", 3, weights="IMAGENET9K")
     with pytest.raises(ModelError, match="weights file not found"):
         build_model("resnet18", 3, weights=str(tmp_path / "none.pth"))
+    with pytest.raises(ModelError, match="small_cnn has no published weights"):
+        build_model("small_cnn", 3, weights="DEFAULT")
+
+
+def test_small_cnn_keeps_resolution_and_loads_its_own_weights_file(tmp_path):
+    model = build_model("small_cnn", classes=5, input_size=48)
+    assert model.trunk(torch.zeros(1, 3, 48, 48)).shape == (1, 256, 6, 6)  # three halvings, no stride-4 stem
+    assert len(list(model.trunk.children())) == 4  # four blocks to unfreeze from the top
+    assert sum(p.numel() for p in model.parameters()) < 500_000
+    own = SmallCNN(num_classes=5)  # a file holds the plain net's state dict, as for torchvision's models
+    torch.save(own.state_dict(), tmp_path / "cnn.pt")
+    again = build_model("small_cnn", classes=5, weights=str(tmp_path / "cnn.pt"))
+    torch.testing.assert_close(again.trunk[0][0].weight, own.features[0][0].weight)
 
 
 def test_weights_from_a_state_dict_file(tmp_path):
     torch.manual_seed(1)
-    tv = tvm.resnet18(weights=None)
+    tv = tvm.resnet18(weights=None, num_classes=101)  # a checkpoint fine-tuned elsewhere: another head
     path = tmp_path / "resnet18.pth"
     torch.save(tv.state_dict(), path)
     model = build_model("resnet18", classes=4, weights=str(path))

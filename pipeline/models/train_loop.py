@@ -4,7 +4,8 @@ Pass 1 trains the head with the trunk frozen; pass 2 unfreezes the trunk (all at
 block per epoch) at a lower learning rate. After every epoch the loop evaluates on the validation split
 only, keeps the best weights by validation top-1 (ties: lower loss), reports metrics and a checkpoint
 to Ray Train, and stops early when validation stops improving. A restarted worker resumes from the last
-reported checkpoint, not from scratch.
+reported checkpoint, not from scratch. Once training is done, each worker predicts its share of the
+``predict`` dataset with the best weights (no second start-up, and on the worker's GPU when it has one).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,10 +45,14 @@ class TrainParams:
     lr_head: float = 1e-2
     lr_finetune: float = 1e-3
     weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine | constant
     unfreeze: str = "all"  # all | blocks
     patience: int = 3
     seed: int = 0
-    kill_at_epoch: int | None = None  # fault injection: the worker process dies once, mid-epoch
+    threads: int = 1  # torch threads on CPU
+    # Fault injection: the worker process dies once in the middle of each of these epochs (epoch
+    # ``epochs``: while predicting).
+    kill_at_epochs: list[int] = field(default_factory=list)
 
     @property
     def epochs(self) -> int:
@@ -59,6 +66,7 @@ class LoopState:
     best_loss: float = float("inf")
     best_epoch: int = -1
     since_best: int = 0
+    done: bool = False  # training finished (all epochs, or stopped early); prediction may be left
     history: list[dict[str, Any]] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)  # epochs at which a (re)start began
 
@@ -84,9 +92,17 @@ def set_trainable(model: nn.Module, p: TrainParams, epoch: int) -> list[nn.Param
     return [q for q in inner.parameters() if q.requires_grad]
 
 
+def epoch_lr(p: TrainParams, epoch: int) -> float:
+    """The pass's learning rate, decayed along a cosine over the pass's epochs when so configured."""
+    if epoch < p.head_epochs:
+        base, i, n = p.lr_head, epoch, p.head_epochs
+    else:
+        base, i, n = p.lr_finetune, epoch - p.head_epochs, p.finetune_epochs
+    return base if p.schedule == "constant" else base * 0.5 * (1 + math.cos(math.pi * i / n))
+
+
 def make_optimizer(params: list[nn.Parameter], p: TrainParams, epoch: int) -> torch.optim.Optimizer:
-    lr = p.lr_head if epoch < p.head_epochs else p.lr_finetune
-    return torch.optim.AdamW(params, lr=lr, weight_decay=p.weight_decay)
+    return torch.optim.AdamW(params, lr=epoch_lr(p, epoch), weight_decay=p.weight_decay)
 
 
 def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
@@ -136,6 +152,35 @@ def train_batches(shard: Any, p: TrainParams, epoch: int) -> Any:
                                     local_shuffle_seed=p.seed + epoch)  # fmt: skip
 
 
+def predict_batches(model: nn.Module, batches: Any, device: torch.device,
+                    on_batch: Any = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Row numbers and class probabilities for every batch (dicts with 'image' and 'row')."""
+    model.eval()
+    rows, probs = [np.zeros(0, dtype=np.int64)], []
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            if on_batch:
+                on_batch(i)
+            x = batch["image"].to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(x)
+            probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+            rows.append(batch["row"].cpu().numpy())
+    return np.concatenate(rows), np.concatenate(probs) if probs else np.zeros((0, 0), dtype=np.float32)
+
+
+def predictions_dir(model_dir: str) -> str:
+    """Where each worker writes ``rank-<r>.npz``: its rows' numbers, probabilities and seconds taken."""
+    return storage.join(model_dir, "predictions")
+
+
+def write_history(p: TrainParams, state: LoopState) -> None:
+    history = json.dumps({"history": state.history, "starts": state.starts})
+    storage.write_text_atomic(storage.join(p.model_dir, "history.json"), history)
+
+
 def save_torch(obj: Any, uri: str) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -144,9 +189,9 @@ def save_torch(obj: Any, uri: str) -> None:
 
 def _maybe_die(p: TrainParams, epoch: int, batch: int) -> None:
     """Fault injection: end this worker process abruptly, once, in the middle of an epoch."""
-    if p.kill_at_epoch is None or epoch != p.kill_at_epoch or batch != 1:
+    if epoch not in p.kill_at_epochs or batch != 1:
         return
-    marker = storage.join(p.model_dir, "_killed_once")
+    marker = storage.join(p.model_dir, f"_killed_in_epoch_{epoch}")
     if not storage.exists(marker):
         storage.write_text_atomic(marker, "killed\n")
         # Ray Train registers a reported checkpoint when its controller next polls the workers; on tiny
@@ -162,6 +207,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     p = TrainParams(**config["params"])
     torch.manual_seed(p.seed)
+    torch.set_num_threads(p.threads)
     device = ray.train.torch.get_device()
     model = build_model(p.arch, p.classes, head=p.head, weights=p.weights, input_size=p.input_size)
     state, optimizer_state = LoopState(), None
@@ -176,10 +222,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     rank = ray.train.get_context().get_world_rank()
+    if state.done and rank == 0:  # resumed after training, to predict: record this start too
+        write_history(p, state)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
     optimizer, phase = None, None
-    for epoch in range(state.epoch, p.epochs):
+    for epoch in range(state.epoch, p.epochs if not state.done else state.epoch):
         epoch_phase = "head" if epoch < p.head_epochs else "finetune"
         params = set_trainable(model, p, epoch)
         if optimizer is None or epoch_phase != phase or p.unfreeze == "blocks":
@@ -189,6 +237,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 with contextlib.suppress(ValueError):
                     optimizer.load_state_dict(optimizer_state)
             phase = epoch_phase
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr(p, epoch)
         model.train()
         set_trainable(model, p, epoch)  # re-applies eval() on frozen batch norms after train()
         t0 = time.perf_counter()
@@ -214,13 +264,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else:
             state.since_best += 1
         record = {
-            "epoch": epoch, "phase": epoch_phase, "train_loss": train["loss"], "train_top1": train["top1"],
+            "epoch": epoch, "phase": epoch_phase, "lr": epoch_lr(p, epoch), "train_loss": train["loss"],
+            "train_top1": train["top1"],
             "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
             "best_epoch": state.best_epoch, "train_s": round(t1 - t0, 2), "val_s": round(t2 - t1, 2),
         }  # fmt: skip
         state.history.append(record)
         state.epoch = epoch + 1
         stop = epoch_phase == "finetune" and state.since_best >= p.patience
+        state.done = stop or state.epoch == p.epochs
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
@@ -230,9 +282,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "loop": asdict(state),
                 }
                 torch.save(saved, os.path.join(d, "state.pt"))
-                history = json.dumps({"history": state.history, "starts": state.starts})
-                storage.write_text_atomic(storage.join(p.model_dir, "history.json"), history)
+                write_history(p, state)
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report({**record, "stopped_early": stop}, checkpoint=ckpt)
         if stop:
             break
+
+    if config.get("predict"):  # the trainer was given a "predict" dataset
+        predict_shard = ray.train.get_dataset_shard("predict")
+        inner = model.module if hasattr(model, "module") else model
+        saved = torch.load(io.BytesIO(storage.read_bytes(storage.join(p.model_dir, "best.pt"))),
+                           map_location="cpu", weights_only=False)  # fmt: skip
+        inner.load_state_dict(saved["model"])
+        start = time.perf_counter()
+        batches = predict_shard.iter_torch_batches(batch_size=p.batch_size)
+        rows, probs = predict_batches(inner, batches, device, on_batch=lambda i: _maybe_die(p, p.epochs, i))
+        buf = io.BytesIO()
+        np.savez(buf, row=rows, probs=probs, seconds=time.perf_counter() - start)
+        storage.write_bytes_atomic(
+            storage.join(predictions_dir(p.model_dir), f"rank-{rank}.npz"), buf.getvalue()
+        )

@@ -19,7 +19,8 @@ import torchvision.models as tvm
 from torch import nn
 
 from pipeline import storage
-from pipeline.models import is_weights_file
+from pipeline.models import is_weights_file, min_input_size
+from pipeline.models.small_cnn import WIDTHS, SmallCNN
 
 
 class ModelError(ValueError):
@@ -31,9 +32,12 @@ class Arch:
     name: str
     features: int  # channels of the trunk's last feature map
     default_size: int  # training input side the architecture was designed for
-    min_size: int  # smallest input that still gives a feature map
     trunk: Callable[[nn.Module], nn.Module]
     head_norm: Callable[[nn.Module], nn.Module | None] = lambda m: None  # a norm the original head applied
+
+    @property
+    def min_size(self) -> int:  # smallest input that still gives a feature map
+        return min_input_size(self.name)
 
 
 def _resnet_trunk(m: nn.Module) -> nn.Module:
@@ -57,16 +61,17 @@ def _convnext_norm(m: nn.Module) -> nn.Module:
 ARCHS: dict[str, Arch] = {
     a.name: a
     for a in [
-        Arch("resnet18", 512, 224, 32, _resnet_trunk),
-        Arch("resnet50", 2048, 224, 32, _resnet_trunk),
-        Arch("mobilenet_v3_small", 576, 224, 32, lambda m: m.features),
-        Arch("mobilenet_v3_large", 960, 224, 32, lambda m: m.features),
-        Arch("efficientnet_b0", 1280, 224, 32, lambda m: m.features),
-        Arch("densenet121", 1024, 224, 32, lambda m: nn.Sequential(m.features, nn.ReLU(inplace=False))),
-        Arch("vgg16_bn", 512, 224, 32, lambda m: m.features),
-        Arch("inception_v3", 2048, 299, 75, _inception_trunk),
-        Arch("regnet_y_400mf", 440, 224, 32, lambda m: nn.Sequential(m.stem, m.trunk_output)),
-        Arch("convnext_tiny", 768, 224, 32, lambda m: m.features, _convnext_norm),
+        Arch("resnet18", 512, 224, _resnet_trunk),
+        Arch("resnet50", 2048, 224, _resnet_trunk),
+        Arch("mobilenet_v3_small", 576, 224, lambda m: m.features),
+        Arch("mobilenet_v3_large", 960, 224, lambda m: m.features),
+        Arch("efficientnet_b0", 1280, 224, lambda m: m.features),
+        Arch("densenet121", 1024, 224, lambda m: nn.Sequential(m.features, nn.ReLU(inplace=False))),
+        Arch("vgg16_bn", 512, 224, lambda m: m.features),
+        Arch("inception_v3", 2048, 299, _inception_trunk),
+        Arch("regnet_y_400mf", 440, 224, lambda m: nn.Sequential(m.stem, m.trunk_output)),
+        Arch("convnext_tiny", 768, 224, lambda m: m.features, _convnext_norm),
+        Arch("small_cnn", WIDTHS[-1], 48, lambda m: m.features),  # ours: CPU runs from random init
     ]
 }
 
@@ -104,14 +109,19 @@ class Classifier(nn.Module):
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(self.trunk(x), 1), 1))
 
 
-def _torchvision_model(arch: str, weights: str | None) -> nn.Module:
-    ctor = getattr(tvm, arch)
+def _base_model(arch: str, weights: str | None) -> nn.Module:
+    """The architecture's own model (torchvision's, or ours for small_cnn), with weights loaded."""
+    if arch == "small_cnn" and weights is not None and not is_weights_file(weights):
+        raise ModelError(f"small_cnn has no published weights ({weights!r}); pass a file, or none")
+    ctor = SmallCNN if arch == "small_cnn" else getattr(tvm, arch)
     extra = {"aux_logits": False, "init_weights": False} if arch == "inception_v3" else {}
     if weights is None:
         return ctor(weights=None, **extra)
     if is_weights_file(weights):  # a file: load it ourselves
         model = ctor(weights=None, **extra)
-        state = load_state(weights)
+        state, own = load_state(weights), model.state_dict()
+        # The original classifier may have another class count; it is replaced by our head anyway.
+        state = {k: v for k, v in state.items() if k not in own or own[k].shape == v.shape}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or len(missing) > 8:  # a head of another size is fine; a different network is not
             raise ModelError(f"{weights} does not hold {arch} weights ({len(missing)} missing, "
@@ -157,7 +167,7 @@ def build_model(arch: str, classes: int, *, head: str = "linear", weights: str |
     size = input_size or spec.default_size
     if size < spec.min_size:
         raise ModelError(f"{arch}: input size {size} is below its minimum {spec.min_size}")
-    tv = _torchvision_model(arch, weights)
+    tv = _base_model(arch, weights)
     if weights is None:
         # Some torchvision models (MobileNetV3, EfficientNet) set batch-norm momentum to 0.01 for long
         # ImageNet runs; from random init over a few hundred steps the running statistics would then

@@ -20,12 +20,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
-import torch
 
 from pipeline import manifests, storage
 from pipeline.config import MemberConfig, RunConfig
 from pipeline.models.data import Augment, ray_dataset, training_rows
-from pipeline.models.train_loop import TrainParams, train_loop_per_worker
+from pipeline.models.train_loop import TrainParams, predictions_dir, train_loop_per_worker
 from pipeline.models.zoo import ARCHS
 from pipeline.stages.base import Resources, RunContext, Stage
 from pipeline.summary import update_metrics
@@ -74,8 +73,8 @@ def make_jobs(cfg: RunConfig, rows: pd.DataFrame, classes: list[str]) -> list[Jo
                 model_dir=model_dir(cfg.out, m.label, fold), head=m.head, weights=m.weights,
                 input_size=m.input_size or ARCHS[m.arch].default_size, batch_size=t.batch_size,
                 head_epochs=t.head_epochs, finetune_epochs=t.finetune_epochs, lr_head=t.lr_head,
-                lr_finetune=t.lr_finetune, weight_decay=t.weight_decay, unfreeze=t.unfreeze,
-                patience=t.patience, seed=t.seed,
+                lr_finetune=t.lr_finetune, weight_decay=t.weight_decay, schedule=t.schedule,
+                unfreeze=t.unfreeze, patience=t.patience, seed=t.seed, threads=max(1, int(t.cpus_per_worker)),
             )  # fmt: skip
             if fold is None:
                 # Without cross-fitting, the full model also labels train images (in-sample).
@@ -87,7 +86,8 @@ def make_jobs(cfg: RunConfig, rows: pd.DataFrame, classes: list[str]) -> list[Jo
 
 
 def fit(job: Job, cfg: RunConfig, ctx: RunContext, val_rows: pd.DataFrame) -> dict[str, Any]:
-    """Train one model with Ray Train; returns its best validation metrics."""
+    """Train one model with Ray Train and predict its rows; returns its best validation metrics and
+    prediction throughput. The probabilities stay in ``predictions/`` under the model's folder."""
     from ray.train import DataConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
@@ -99,68 +99,68 @@ def fit(job: Job, cfg: RunConfig, ctx: RunContext, val_rows: pd.DataFrame) -> di
     augment = Augment(flip=t.augment_flip, crop_scale=(t.augment_crop_min, 1.0), color_jitter=t.augment_color)
     size = job.params.input_size
     params = asdict(job.params)
-    params["kill_at_epoch"] = ctx.faults.kill_epoch(f"train:{job.params.member}")
-    start = time.perf_counter()
+    params["kill_at_epochs"] = ctx.faults.kill_epochs(f"train:{job.params.member}")
+    datasets = {
+        "train": ray_dataset(job.train_rows, ctx.out, size, augment, t.batch_size, seed=t.seed),
+        "val": ray_dataset(val_rows, ctx.out, size, None, t.batch_size),
+    }
+    if not job.predict_rows.empty:
+        datasets["predict"] = ray_dataset(job.predict_rows, ctx.out, size, None, t.batch_size)
+    start, started_at = time.perf_counter(), time.time()
+    gpu = use_gpu(t.use_gpu)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"params": params},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu(t.use_gpu)),
+        train_loop_config={"params": params, "predict": "predict" in datasets},
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers,
+            use_gpu=gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if gpu else {})},
+        ),
         run_config=TrainRunConfig(
             name=f"{job.params.member}{'' if job.fold is None else f'-fold-{job.fold}'}",
             storage_path=local_path(storage.join(ctx.out, "models", "_ray")),
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
-        datasets={
-            "train": ray_dataset(job.train_rows, ctx.out, size, augment, t.batch_size, seed=t.seed),
-            "val": ray_dataset(val_rows, ctx.out, size, None, t.batch_size),
-        },
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        datasets=datasets,
+        # One worker iterates its datasets itself; splitting costs a coordinator actor's start-up.
+        dataset_config=DataConfig(datasets_to_split=["train", "predict"] if t.num_workers > 1 else []),
     )
     trainer.fit()
     seconds = time.perf_counter() - start
     history = json.loads(storage.read_text(storage.join(job.params.model_dir, "history.json")))
     best = max(history["history"], key=lambda r: (r["val_top1"], -r["val_loss"]))
     epochs = len(history["history"])
+    train_s = sum(r["train_s"] for r in history["history"])
+    predict_s = max((float(part["seconds"]) for part in prediction_parts(job)), default=0.0)
     result = {
         "val_top1": best["val_top1"], "val_top5": best["val_top5"], "val_loss": best["val_loss"],
         "best_epoch": best["epoch"], "epochs": epochs, "starts": history["starts"],
-        "seconds": round(seconds, 2),
-        "train_images_per_s": round(len(job.train_rows) * epochs / seconds, 1),
+        "seconds": round(seconds, 2), "started_at": round(started_at, 2),
+        "finished_at": round(time.time(), 2),
+        "train_images_per_s": round(len(job.train_rows) * epochs / train_s, 1),
+        "predict_images_per_s": round(len(job.predict_rows) / predict_s, 1) if predict_s else None,
     }  # fmt: skip
     storage.write_text_atomic(done, json.dumps(result))
     return result
 
 
-class Predictor:
-    """Ray Data actor: one trained member, class probabilities for batches of images."""
-
-    def __init__(self, model_uri: str) -> None:
-        from pipeline.models.zoo import build_model as build
-
-        saved = torch.load(io.BytesIO(storage.read_bytes(model_uri)), map_location="cpu", weights_only=False)
-        p = TrainParams(**saved["params"])
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = build(p.arch, p.classes, head=p.head, input_size=p.input_size)
-        self.model.load_state_dict(saved["model"])
-        self.model.to(self.device).eval()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with torch.no_grad():
-            logits = self.model(torch.from_numpy(batch["image"]).to(self.device))
-        return {"row": batch["row"], "probs": torch.softmax(logits.float(), dim=1).cpu().numpy()}
+def prediction_parts(job: Job) -> list[dict[str, np.ndarray]]:
+    """The prediction files the job's workers wrote (one per rank)."""
+    parts = []
+    for uri in storage.list_files(predictions_dir(job.params.model_dir), ".npz"):
+        with np.load(io.BytesIO(storage.read_bytes(uri))) as f:
+            parts.append({k: f[k] for k in f.files})
+    return parts
 
 
-def predict(job: Job, ctx: RunContext, batch_size: int) -> np.ndarray:
-    """Class probabilities of ``job.predict_rows`` (in row order) from the job's best weights."""
-    if job.predict_rows.empty:
-        return np.zeros((0, job.params.classes), dtype=np.float32)
-    ds = ray_dataset(job.predict_rows, ctx.out, job.params.input_size, None, batch_size).map_batches(
-        Predictor, fn_constructor_kwargs={"model_uri": storage.join(job.params.model_dir, "best.pt")},
-        batch_size=batch_size, batch_format="numpy", concurrency=1,
-    )  # fmt: skip
-    probs = np.zeros((len(job.predict_rows), job.params.classes), dtype=np.float32)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        probs[batch["row"]] = batch["probs"]
+def predicted_probs(job: Job) -> np.ndarray:
+    """Class probabilities of ``job.predict_rows`` (in row order), assembled from the workers' files."""
+    probs = np.full((len(job.predict_rows), job.params.classes), np.nan, dtype=np.float32)
+    for part in prediction_parts(job):
+        probs[part["row"]] = part["probs"]
+    missing = int(np.isnan(probs).any(axis=1).sum())
+    if missing:
+        raise RuntimeError(f"{job.params.model_dir}: {missing} of {len(probs)} rows have no prediction")
     return probs
 
 
@@ -182,20 +182,15 @@ def prediction_rows(job: Job, probs: np.ndarray, classes: list[str]) -> pd.DataF
     })  # fmt: skip
 
 
-def concurrency(cfg: RunConfig, jobs: int) -> int:
+def concurrency(cfg: RunConfig, jobs: int, resources: dict[str, float], gpu: bool) -> int:
     """Trainings at once: as configured, else as many as the cluster's CPUs (or GPUs) hold."""
-    import ray
-
-    if cfg.train.concurrent_members:
-        return cfg.train.concurrent_members
-    resources = ray.cluster_resources()
-    per_job = cfg.train.num_workers
-    # One CPU per worker plus room for the data tasks feeding it.
-    slots = (
-        resources.get("GPU", 0) // per_job
-        if use_gpu(cfg.train.use_gpu)
-        else resources.get("CPU", 1) // (per_job * 2)
-    )
+    t = cfg.train
+    if t.concurrent_members:
+        return t.concurrent_members
+    if gpu:
+        slots = resources.get("GPU", 0) // t.num_workers
+    else:  # training workers get half the CPUs; the data tasks feeding them the other half
+        slots = resources.get("CPU", 1) / 2 // (t.cpus_per_worker * t.num_workers)
     return int(max(1, min(jobs, slots)))
 
 
@@ -215,14 +210,13 @@ class TrainStage(Stage):
         if val_rows.empty:
             raise ValueError("training needs a val split for checkpoint selection (it never selects on test)")
         jobs = make_jobs(cfg, rows, classes)
-        with ThreadPoolExecutor(max_workers=concurrency(cfg, len(jobs))) as pool:
+
+        import ray
+
+        at_once = concurrency(cfg, len(jobs), ray.cluster_resources(), use_gpu(cfg.train.use_gpu))
+        with ThreadPoolExecutor(max_workers=at_once) as pool:
             results = list(pool.map(lambda j: fit(j, cfg, ctx, val_rows), jobs))
-        frames = []
-        for job, result in zip(jobs, results, strict=True):
-            start = time.perf_counter()
-            frames.append(prediction_rows(job, predict(job, ctx, cfg.train.batch_size), classes))
-            seconds = time.perf_counter() - start  # Ray Data start-up and model load included
-            result["predict_images_per_s"] = round(len(job.predict_rows) / max(seconds, 1e-9), 1)
+        frames = [prediction_rows(job, predicted_probs(job), classes) for job in jobs]
         manifests.write_manifest(
             "predictions", pd.concat(frames, ignore_index=True), ctx.manifest("predictions")
         )
