@@ -180,8 +180,15 @@ def test_cpu_small_members_train_at_once_and_classify_the_demo_data_well_above_c
     images = manifests.read_manifest("images", str(out / "manifests" / "images.parquet"))
     preds = manifests.read_manifest("predictions", str(out / "manifests" / "predictions.parquet"))
     test = preds.merge(images.loc[images["split"] == "test", ["image_id", "label"]], on="image_id")
-    top1 = test.assign(hit=test["predicted"] == test["label"]).groupby("member")["hit"].mean()
     assert len(test) == 2 * int((images["split"] == "test").sum()) > 200
-    # Measured: test top-1 0.57 and 0.50, val top-1 0.47 and 0.50 (38 val images).
-    assert (top1 >= 0.35).all(), top1.to_dict()
+    assert test["topk_labels"].map(len).eq(8).all()  # few classes: the full probability vector
+    top1 = test.assign(hit=test["predicted"] == test["label"]).groupby("member")["hit"].mean()
+    scores = test.explode(["topk_labels", "topk_probs"]).astype({"topk_probs": float})
+    summed = scores.groupby(["image_id", "topk_labels"])["topk_probs"].sum().reset_index()
+    best = summed.loc[summed.groupby("image_id")["topk_probs"].idxmax()]
+    ensemble = best.merge(test[["image_id", "label"]].drop_duplicates(), on="image_id")
+    ensemble_top1 = float((ensemble["topk_labels"] == ensemble["label"]).mean())
+    # Measured over four runs on 138 test images: members 0.42 to 0.58, the ensemble 0.49 to 0.55.
+    assert (top1 >= 0.3).all(), top1.to_dict()
+    assert ensemble_top1 >= 0.35, ensemble_top1
     assert all(m["val_top1"] >= 0.25 for m in members.values()), members

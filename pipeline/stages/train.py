@@ -29,7 +29,8 @@ from pipeline.models.zoo import ARCHS
 from pipeline.stages.base import Resources, RunContext, Stage
 from pipeline.summary import update_metrics
 
-TOPK = 5
+TOPK = 5  # classes kept per prediction ...
+FULL_VECTOR_CLASSES = 20  # ... unless there are at most this many: then all of them
 
 
 @dataclass
@@ -166,7 +167,7 @@ def predicted_probs(job: Job) -> np.ndarray:
 
 def prediction_rows(job: Job, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
     rows = job.predict_rows
-    k = min(TOPK, len(classes))
+    k = len(classes) if len(classes) <= FULL_VECTOR_CLASSES else TOPK
     order = np.argsort(-probs, axis=1)[:, :k]
     names = np.asarray(classes)
     label_idx = rows["label_idx"].to_numpy()
