@@ -6,7 +6,7 @@ decoded images in one process and is timed without decoding; cropclean's numbers
 per-epoch timings (``history.json``): the steady-state epochs (the first one also decodes and starts
 Ray Data) and the prediction pass (Ray Data start-up and model load included).
 
-    python bench/train.py [--members resnet18@48,mobilenet_v3_small@64] [--epochs 4]
+    python bench/train.py [--members small_cnn@48,resnet18@48,mobilenet_v3_small@64] [--epochs 4]
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default="bench/out/train")
-    parser.add_argument("--members", default="resnet18@48,mobilenet_v3_small@64")
+    parser.add_argument("--members", default="small_cnn@48,resnet18@48,mobilenet_v3_small@64")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--classes", type=int, default=6)

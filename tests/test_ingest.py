@@ -183,15 +183,15 @@ def test_url_list_mixes_paths_and_guarded_urls(ray_local, small_dataset, tmp_pat
     assert set(images.loc[images["status"] == "ok", "split"]) <= {"train", "val", "test"}
 
 
-def run_job(*args: str) -> subprocess.CompletedProcess:
-    """``python -m jobs.ingest ARGS`` as Ray would run it: a fresh process that starts its own Ray."""
+def run_job(*args: str, job: str = "jobs.ingest") -> subprocess.CompletedProcess:
+    """``python -m jobs.<job> ARGS`` as Ray would run it: a fresh process that starts its own Ray."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "jobs.ingest", *args]
+    cmd = [sys.executable, "-m", job, *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_ingest_job_entrypoint(small_dataset, tmp_path):
+def test_ingest_and_train_job_entrypoints(small_dataset, tmp_path):
     out = tmp_path / "job"
     proc = run_job(str(small_dataset), "--out", str(out), "--preset", "cpu-small", "--set", "ray.num_cpus=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -199,6 +199,15 @@ def test_ingest_job_entrypoint(small_dataset, tmp_path):
     assert (out / "run.yaml").exists() and (out / "manifests" / "images.parquet").exists()
     bad = run_job(str(small_dataset), "--out", str(out), "--set", "dedupe.radious=3")
     assert bad.returncode == 2 and "dedupe.radious" in bad.stderr
+
+    tiny = ["--set", "train.members=[{arch: small_cnn, input_size: 16}]", "--set", "train.finetune_epochs=1"]
+    trained = run_job(str(out), *tiny, job="jobs.train")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "small_cnn" in trained.stdout and "val top-1" in trained.stdout
+    assert (out / "models" / "small_cnn" / "best.pt").exists()
+    assert (out / "manifests" / "predictions.parquet").exists()
+    nothing = run_job(str(tmp_path / "nothing"), job="jobs.train")
+    assert nothing.returncode == 2 and "run cropclean ingest first" in nothing.stderr
 
 
 def test_duplicate_pair_quality_at_the_default_radius(ray_local, tmp_path_factory):
