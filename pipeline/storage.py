@@ -78,3 +78,10 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     entries = fs.ls(path, detail=True)
     names = [e["name"] for e in entries if e.get("type") == "file" and e["name"].endswith(suffix)]
     return sorted(join(uri, posixpath.basename(n)) for n in names)
+
+
+def remove(uri: str) -> None:
+    """Delete a file or a folder with everything under it; nothing when it is missing."""
+    fs, path = get_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

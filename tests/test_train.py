@@ -135,6 +135,14 @@ def test_out_of_fold_predictions_cover_every_train_image_once_per_member(tiny_ru
     for fold in (0, 1):  # a fold model never trained on the images it predicts
         assert (out / "models" / "resnet18" / f"fold-{fold}" / "best.pt").exists()
 
+    # Other settings: the stage runs again and each model retrains instead of reusing the old weights.
+    report = run_train(out, "train.finetune_epochs=1")
+    assert report.ran == ["train"]
+    history = json.loads((out / "models" / "resnet18" / "history.json").read_text())
+    assert [r["epoch"] for r in history["history"]] == [0, 1] and history["starts"] == [0]
+    preds = manifests.read_manifest("predictions", str(out / "manifests" / "predictions.parquet"))
+    assert preds["fold"].isna().all() and len(preds) == int(images["split"].notna().sum())
+
 
 def test_training_batches_mix_the_classes_and_change_order_each_epoch(tiny_run):
     images = manifests.read_manifest("images", str(tiny_run / "manifests" / "images.parquet"))

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import manifests, storage
-from pipeline.config import MemberConfig, RunConfig
+from pipeline.config import ConfigError, MemberConfig, RunConfig
 from pipeline.models.data import Augment, ray_dataset, training_rows
 from pipeline.models.train_loop import TrainParams, predictions_dir, train_loop_per_worker
 from pipeline.models.zoo import ARCHS
@@ -94,9 +94,13 @@ def fit(job: Job, cfg: RunConfig, ctx: RunContext, val_rows: pd.DataFrame) -> di
     from ray.train.torch import TorchTrainer
 
     t = cfg.train
+    key = ctx.keys.get("train", "")  # the train stage's key: its settings and the data it reads
     done = storage.join(job.params.model_dir, "_COMPLETE.json")
-    if storage.exists(done):  # finished in an earlier run of the same config
-        return json.loads(storage.read_text(done))
+    if storage.exists(done):
+        finished = json.loads(storage.read_text(done))
+        if finished.get("key") == key:  # finished in an earlier run with the same settings and data
+            return finished["result"]
+    run_name = start_model_dir(job, ctx.out, key)
     augment = Augment(flip=t.augment_flip, crop_scale=(t.augment_crop_min, 1.0), color_jitter=t.augment_color)
     size = job.params.input_size
     params = asdict(job.params)
@@ -118,7 +122,7 @@ def fit(job: Job, cfg: RunConfig, ctx: RunContext, val_rows: pd.DataFrame) -> di
             resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if gpu else {})},
         ),
         run_config=TrainRunConfig(
-            name=f"{job.params.member}{'' if job.fold is None else f'-fold-{job.fold}'}",
+            name=run_name,
             storage_path=local_path(storage.join(ctx.out, "models", "_ray")),
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
@@ -141,8 +145,29 @@ def fit(job: Job, cfg: RunConfig, ctx: RunContext, val_rows: pd.DataFrame) -> di
         "train_images_per_s": round(len(job.train_rows) * epochs / train_s, 1),
         "predict_images_per_s": round(len(job.predict_rows) / predict_s, 1) if predict_s else None,
     }  # fmt: skip
-    storage.write_text_atomic(done, json.dumps(result))
+    storage.write_text_atomic(done, json.dumps({"key": key, "result": result}))
     return result
+
+
+def start_model_dir(job: Job, out: str, key: str) -> str:
+    """Make the model's folder ready for training under ``key``; returns the Ray Train run name.
+
+    Files of an unfinished training with the same key stay: its Ray Train checkpoints resume it. Files
+    of another key (other settings or data) go, so that neither its weights, its predictions nor its
+    checkpoints are taken for this one's. Fold models' folders, nested in the member's, are theirs.
+    """
+    model_dir = job.params.model_dir
+    base = f"{job.params.member}{'' if job.fold is None else f'-fold-{job.fold}'}"
+    key_file = storage.join(model_dir, "_KEY")
+    previous = storage.read_text(key_file).strip() if storage.exists(key_file) else None
+    if previous != key:
+        for uri in storage.list_files(model_dir):
+            storage.remove(uri)
+        storage.remove(predictions_dir(model_dir))
+        if previous is not None:
+            storage.remove(storage.join(out, "models", "_ray", f"{base}-{previous}"))
+        storage.write_text_atomic(key_file, key)
+    return f"{base}-{key}"
 
 
 def prediction_parts(job: Job) -> list[dict[str, np.ndarray]]:
@@ -183,6 +208,23 @@ def prediction_rows(job: Job, probs: np.ndarray, classes: list[str]) -> pd.DataF
     })  # fmt: skip
 
 
+def check_room(cfg: RunConfig, resources: dict[str, float], gpu: bool) -> None:
+    """Fail now, with what to change, when one training cannot fit: Ray would wait for it forever."""
+    t = cfg.train
+    cpus, need = resources.get("CPU", 0), t.cpus_per_worker * t.num_workers + 1
+    if cpus < need:
+        raise ConfigError(
+            f"train: one training needs {need:g} CPUs (train.num_workers x train.cpus_per_worker, plus one "
+            f"for the data tasks feeding it); the cluster has {cpus:g}. Lower train.cpus_per_worker or "
+            f"train.num_workers, or give Ray more CPUs (ray.num_cpus)."
+        )
+    if gpu and resources.get("GPU", 0) < t.num_workers:
+        raise ConfigError(
+            f"train: train.num_workers is {t.num_workers} with a GPU each; the cluster has "
+            f"{resources.get('GPU', 0):g} GPUs. Lower train.num_workers or set train.use_gpu: no."
+        )
+
+
 def concurrency(cfg: RunConfig, jobs: int, resources: dict[str, float], gpu: bool) -> int:
     """Trainings at once: as configured, else as many as the cluster's CPUs (or GPUs) hold."""
     t = cfg.train
@@ -214,7 +256,9 @@ class TrainStage(Stage):
 
         import ray
 
-        at_once = concurrency(cfg, len(jobs), ray.cluster_resources(), use_gpu(cfg.train.use_gpu))
+        resources, gpu = ray.cluster_resources(), use_gpu(cfg.train.use_gpu)
+        check_room(cfg, resources, gpu)
+        at_once = concurrency(cfg, len(jobs), resources, gpu)
         with ThreadPoolExecutor(max_workers=at_once) as pool:
             results = list(pool.map(lambda j: fit(j, cfg, ctx, val_rows), jobs))
         frames = [prediction_rows(job, predicted_probs(job), classes) for job in jobs]
