@@ -254,6 +254,77 @@ class TrainConfig(_Section):
         return self
 
 
+class CropConfig(_Section):
+    method: Literal["fcn_ensemble", "gradcam", "similarnet"] = Field(
+        "fcn_ensemble",
+        description="Localizer whose crops make the cropped dataset: the convolutionalized ensemble (the "
+        "method), Grad-CAM or SIMILARnet of the members.",
+    )
+    mode: Literal["cell", "region"] = Field(
+        "cell",
+        description="cell: the best window of the pyramid (the paper's crop); region: the box around the "
+        "connected cells that find the class at that scale (the object as a whole, not a detail).",
+    )
+    scale_factor: float = Field(1.2, gt=1, description="Pyramid step: each window is this much smaller.")
+    max_scale: float = Field(
+        3.0, gt=0, description="Largest scale factor: smallest window = reference window / max_scale."
+    )
+    early_stop: bool = Field(False, description="Stop at the first scale where all members find it.")
+    display_aspect: list[float] | None = Field(
+        None,
+        description="Display crop: [min, max] of width / height, e.g. [0.5, 2.0] (GAIC); null: none.",
+    )
+    display_min_area: float = Field(
+        0.0, ge=0, le=1, description="Display crop: at least this share of the image's area."
+    )
+    baselines: list[Literal["centre", "gradcam", "similarnet", "none"]] = Field(
+        default_factory=list,
+        description="Other localizers also run, for evaluation (rows with their method in crops.parquet).",
+    )
+    batch_size: int = Field(16, ge=1, description="Images per batch of an actor (grouped by size).")
+    actors: int | None = Field(None, ge=1, description="Actors in the pool; default: one per GPU, else one.")
+    gpus_per_actor: float = Field(
+        1.0, gt=0, le=1, description="GPU share of each actor on a GPU cluster (fractions share one)."
+    )
+    use_gpu: Literal["auto", "yes", "no"] = Field("auto", description="auto: GPUs when the cluster has any.")
+    export: bool = Field(True, description="Write the cropped dataset under OUT/cropped/<split>/<class>/.")
+    jpeg_quality: int = Field(90, ge=1, le=100, description="Quality of the cropped JPEGs.")
+
+    @field_validator("display_aspect")
+    @classmethod
+    def _aspect_pair(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) != 2 or not 0 < v[0] <= 1 <= v[1]):
+            raise ValueError(f"crop.display_aspect: [min, max] with 0 < min <= 1 <= max, got {v}")
+        return v
+
+
+class BlacklistConfig(_Section):
+    max_votes: int = Field(
+        0, ge=0, description="Candidate when the label's best votes over all scales are at most this."
+    )
+    min_score: float = Field(
+        -1.0, ge=-1, le=1, description="... and its score (suggested minus label evidence) is at least this."
+    )
+    cross_label_duplicates: bool = Field(
+        True, description="Images whose duplicate carries another label join the blacklist."
+    )
+    verified: str | None = Field(
+        None, description="verified_train.tsv (Food-101N format) to report precision/recall against."
+    )
+
+    _absolute_verified = field_validator("verified")(lambda v: absolute_local(v))
+
+
+class EvaluateConfig(_Section):
+    member: MemberConfig = Field(
+        default_factory=lambda: MemberConfig(arch="resnet18", name="outside"),
+        description="Classifier outside the ensemble (Table IV): an architecture no member has.",
+    )
+    epochs: int | None = Field(None, ge=1, description="Its training epochs; default: train.finetune_epochs.")
+    retrain: bool = Field(True, description="Also train it on the cropped, de-blacklisted train split.")
+    cleanlab: bool = Field(True, description="Compare the blacklist with cleanlab's find_label_issues.")
+
+
 class RunConfig(_Section):
     out: str = Field(description="Output URI of the run (local path, s3://...).")
     sources: list[SourceConfig] = Field(min_length=1, description="Where the images come from (one or more).")
@@ -264,6 +335,9 @@ class RunConfig(_Section):
     split: SplitConfig = Field(SplitConfig(), description="Train/val/test assignment.")
     balance: BalanceConfig = Field(BalanceConfig(), description="Per-class caps and minimums.")
     train: TrainConfig = Field(TrainConfig(), description="Fine-tuning the ensemble.")
+    crop: CropConfig = Field(CropConfig(), description="Point-of-interest crops.")
+    blacklist: BlacklistConfig = Field(BlacklistConfig(), description="Mislabel candidates for annotators.")
+    evaluate: EvaluateConfig = Field(EvaluateConfig(), description="Table IV evaluation, baselines.")
 
     _absolute_out = field_validator("out")(lambda v: absolute_local(v))
 

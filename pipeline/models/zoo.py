@@ -34,6 +34,7 @@ class Arch:
     default_size: int  # training input side the architecture was designed for
     trunk: Callable[[nn.Module], nn.Module]
     head_norm: Callable[[nn.Module], nn.Module | None] = lambda m: None  # a norm the original head applied
+    stride: int = 32  # input pixels per feature-map cell: how far apart the FCN's windows are
 
     @property
     def min_size(self) -> int:  # smallest input that still gives a feature map
@@ -71,7 +72,7 @@ ARCHS: dict[str, Arch] = {
         Arch("inception_v3", 2048, 299, _inception_trunk),
         Arch("regnet_y_400mf", 440, 224, lambda m: nn.Sequential(m.stem, m.trunk_output)),
         Arch("convnext_tiny", 768, 224, lambda m: m.features, _convnext_norm),
-        Arch("small_cnn", WIDTHS[-1], 48, lambda m: m.features),  # ours: CPU runs from random init
+        Arch("small_cnn", WIDTHS[-1], 48, lambda m: m.features, stride=8),  # ours: CPU runs, random init
     ]
 }
 

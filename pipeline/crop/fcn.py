@@ -1,0 +1,99 @@
+"""Convolutionalization (seed 000): a zoo classifier turned into a fully convolutional net.
+
+The trunk stays as it is. The global average pool becomes an average pool with kernel D (the side of
+the trunk's feature map at the training input side W) and stride 1, and every layer of the head
+becomes its per-location twin: a linear layer a 1x1 convolution with the same weights, batch norm 1-d
+a batch norm 2-d with the same statistics, a layer norm over features a layer norm over channels.
+Dropout and activations stay. At input side W the net gives one cell, equal to the classifier's
+output; on a larger image it gives a map of cells, each the classifier applied to one W x W window,
+the windows ``stride`` pixels apart (``Geometry``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models.convnext import LayerNorm2d
+
+from pipeline.models.zoo import ARCHS, Classifier
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a member's heatmap cells look, in the pixels of the image it was given."""
+
+    window: int  # W: the side of the window one cell sees (the member's training input side)
+    stride: int  # pixels between neighbouring cells
+    pool: int  # D: the trunk's feature-map side at input W, the pooling kernel
+
+    def centres(self, length: int, cells: int) -> np.ndarray:
+        """Window centres along one axis of an input ``length`` pixels long with ``cells`` cells.
+
+        The trunks pad symmetrically, so the grid of cells sits centred on the input; aligning members
+        by these centres (not by cell index) is what makes grids of different windows and paddings
+        comparable.
+        """
+        return (length - 1) / 2 + self.stride * (np.arange(cells) - (cells - 1) / 2)
+
+
+def _convolutional(layer: nn.Module) -> nn.Module:
+    """A head layer's per-location twin, with the same parameters and statistics (and dtype)."""
+    like = next(iter(layer.state_dict().values()), None)
+    kind = {"dtype": like.dtype, "device": like.device} if like is not None else {}
+    if isinstance(layer, nn.Linear):
+        conv = nn.Conv2d(layer.in_features, layer.out_features, 1, bias=layer.bias is not None, **kind)
+        with torch.no_grad():
+            conv.weight.copy_(layer.weight[:, :, None, None])
+            if layer.bias is not None:
+                conv.bias.copy_(layer.bias)
+        return conv
+    if isinstance(layer, nn.BatchNorm1d):
+        bn = nn.BatchNorm2d(layer.num_features, layer.eps, layer.momentum, layer.affine,
+                            layer.track_running_stats, **kind)  # fmt: skip
+        bn.load_state_dict(layer.state_dict())
+        return bn
+    if isinstance(layer, nn.LayerNorm):  # over the features; per location, over the channels
+        norm = LayerNorm2d(layer.normalized_shape, eps=layer.eps, elementwise_affine=layer.elementwise_affine,
+                           **kind)  # fmt: skip
+        norm.load_state_dict(layer.state_dict())
+        return norm
+    if isinstance(layer, nn.Dropout | nn.ReLU | nn.Identity):
+        return copy.deepcopy(layer)
+    raise TypeError(f"cannot convolutionalize a head layer of type {type(layer).__name__}")
+
+
+class FCN(nn.Module):
+    """A classifier as a fully convolutional net: (N, 3, H, W) images -> (N, classes, h, w) logits."""
+
+    def __init__(self, model: Classifier, window: int | None = None) -> None:
+        super().__init__()
+        self.arch = model.arch
+        window = window or model.input_size
+        self.trunk = model.trunk
+        self.head = nn.Sequential(*[_convolutional(layer) for layer in model.head])
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            probe = next(model.parameters())
+            pool = self.trunk(torch.zeros(1, 3, window, window, dtype=probe.dtype, device=probe.device))
+        model.train(was_training)
+        self.geometry = Geometry(window=window, stride=ARCHS[model.arch].stride, pool=int(pool.shape[-1]))
+        self.pool = nn.AvgPool2d(self.geometry.pool, stride=1)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.trunk(x)))
+
+    def heatmap(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-location class probabilities: a softmax over the channels of every cell (float32 at least)."""
+        logits = self.forward(x)
+        return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
+
+
+def convolutionalize(model: Classifier, window: int | None = None) -> FCN:
+    """The fully convolutional twin of ``model``, sharing its trunk (in eval mode)."""
+    return FCN(model, window)
