@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test lint bench bench-dedupe bench-download bench-train lock clean-demo venv
+.PHONY: demo test lint bench bench-dedupe bench-download bench-train bench-fcn lock clean-demo venv
 
 venv: $(STAMP)
 
@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: bench-dedupe bench-download bench-train
+bench: bench-dedupe bench-download bench-train bench-fcn
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)
@@ -47,6 +47,9 @@ bench-download: $(STAMP) $(PEER_VENV)/.stamp
 
 bench-train: $(STAMP)
 	$(PY) bench/train.py
+
+bench-fcn: $(STAMP)
+	$(PY) bench/fcn.py
 
 # Re-resolve the pins from pyproject.toml into constraints.txt (needs the registry).
 lock:

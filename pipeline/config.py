@@ -283,6 +283,9 @@ class CropConfig(_Section):
     )
     batch_size: int = Field(16, ge=1, description="Images per batch of an actor (grouped by size).")
     actors: int | None = Field(None, ge=1, description="Actors in the pool; default: one per GPU, else one.")
+    cpus_per_actor: float = Field(
+        1.0, gt=0, description="CPUs each actor reserves; torch uses as many threads."
+    )
     gpus_per_actor: float = Field(
         1.0, gt=0, le=1, description="GPU share of each actor on a GPU cluster (fractions share one)."
     )

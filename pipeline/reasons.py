@@ -42,6 +42,11 @@ class Reason(StrEnum):
     CLASS_CAP = "class_cap"
     CLASS_TOO_SMALL = "class_too_small"
     UNLABELED = "unlabeled"
+    # crop and blacklist
+    TOO_SMALL_FOR_SCALES = "too_small_for_scales"  # the short side needs more zoom than crop.max_scale
+    LABEL_NOT_FOUND = "label_not_found"  # no member finds the label at any scale
+    CROSS_LABEL_DUPLICATE = "cross_label_duplicate"  # a copy of the image carries another label
+    BLACKLISTED = "blacklisted"  # left out of the cropped dataset: see blacklist.parquet
 
 
 # Failures worth another attempt in a later run (up to fetch.max_attempts); every other outcome is final.

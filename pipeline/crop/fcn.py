@@ -29,15 +29,66 @@ class Geometry:
     window: int  # W: the side of the window one cell sees (the member's training input side)
     stride: int  # pixels between neighbouring cells
     pool: int  # D: the trunk's feature-map side at input W, the pooling kernel
+    offset: float  # centre of cell 0's receptive field, input pixels (pixel centres at integers)
 
     def centres(self, length: int, cells: int) -> np.ndarray:
-        """Window centres along one axis of an input ``length`` pixels long with ``cells`` cells.
+        """Window centres along one axis (``length`` is accepted for symmetry with the image size).
 
-        The trunks pad symmetrically, so the grid of cells sits centred on the input; aligning members
-        by these centres (not by cell index) is what makes grids of different windows and paddings
-        comparable.
+        Cell i looks at the receptive field centred on ``offset + stride * i``, whatever the input's
+        length: convolutions and pools map output index to input position independently of it, and what
+        does not fill a last stride is dropped at the bottom and right. Aligning members by these centres
+        (not by cell index, nor by assuming the grid is centred) is what makes grids of different
+        windows and paddings comparable.
         """
-        return (length - 1) / 2 + self.stride * (np.arange(cells) - (cells - 1) / 2)
+        return self.offset + self.stride * np.arange(cells, dtype=np.float64)
+
+
+_OFFSETS: dict[tuple[str, int], float] = {}
+
+
+def _positive_copy(trunk: nn.Module) -> nn.Module:
+    """A copy of the trunk whose every output depends on every input of its receptive field, with
+    positive weights: convolutions positive, batch norms identity, max pools averaged, and squeeze-and-
+    excitation gates constant (their global pooling would otherwise reach the whole image)."""
+    from torchvision.ops.misc import SqueezeExcitation
+
+    probe = copy.deepcopy(trunk).float().cpu().eval()
+    gen = torch.Generator().manual_seed(0)
+    for module in list(probe.modules()):
+        if isinstance(module, SqueezeExcitation):
+            for p in module.parameters():
+                p.data.zero_()
+            continue
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            fan_in = module.weight[0].numel()
+            module.weight.data = torch.rand(module.weight.shape, generator=gen) / fan_in + 0.1 / fan_in
+            if module.bias is not None:
+                module.bias.data.zero_()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_parameters()
+        for name, child in module.named_children():
+            if isinstance(child, nn.MaxPool2d):
+                setattr(module, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding,
+                                                   ceil_mode=child.ceil_mode))  # fmt: skip
+    return probe
+
+
+def feature_offset(trunk: nn.Module, stride: int, height: int) -> float:
+    """Centre of the receptive field of the trunk's feature cell 0, in input pixels: the support of one
+    cell's gradient in a wide input (a positive-weight copy, so the support is the whole field). Exact,
+    and independent of the weights; ``height`` is any input side the trunk accepts."""
+    probe = _positive_copy(trunk)
+    length = 8 * stride
+    while True:
+        x = torch.ones(1, 3, height, length, requires_grad=True)
+        y = probe(x)
+        middle = y.shape[-1] // 2
+        (grad,) = torch.autograd.grad(y[0, :, :, middle].sum(), x)
+        cols = torch.nonzero(grad.abs().sum(dim=(0, 1, 2)) > 0).flatten()
+        lo, hi = int(cols.min()), int(cols.max())
+        if (lo > 0 and hi < length - 1) or length >= 2**14:
+            return (lo + hi) / 2 - stride * middle
+        length *= 2
 
 
 def _convolutional(layer: nn.Module) -> nn.Module:
@@ -81,7 +132,16 @@ class FCN(nn.Module):
             probe = next(model.parameters())
             pool = self.trunk(torch.zeros(1, 3, window, window, dtype=probe.dtype, device=probe.device))
         model.train(was_training)
-        self.geometry = Geometry(window=window, stride=ARCHS[model.arch].stride, pool=int(pool.shape[-1]))
+        side, stride = int(pool.shape[-1]), ARCHS[model.arch].stride
+        key = (model.arch, hash(repr(self.trunk)))
+        if key not in _OFFSETS:  # the same for every trunk of one architecture, whatever its weights
+            try:  # a low input is cheaper; a trunk that cannot take it gets its window's height
+                _OFFSETS[key] = feature_offset(self.trunk, stride, ARCHS[model.arch].min_size)
+            except RuntimeError:
+                _OFFSETS[key] = feature_offset(self.trunk, stride, window)
+        # The pool averages feature cells 0 .. D-1: its window is centred between the first and the last.
+        offset = _OFFSETS[key] + stride * (side - 1) / 2
+        self.geometry = Geometry(window=window, stride=stride, pool=side, offset=offset)
         self.pool = nn.AvgPool2d(self.geometry.pool, stride=1)
         self.eval()
 

@@ -4,7 +4,9 @@ Decoding runs in Ray Data tasks (``map_batches``); for training, augmentation (r
 flip, colour jitter) runs there too, in a second ``map_batches`` that is re-executed every epoch. When
 the decoded images are small enough (``cache_bytes``), they are decoded once and kept in the object
 store, so an epoch costs only the augmentation. Evaluation squashes the whole image to the input size
-(no centre crop: the object may sit anywhere).
+(no centre crop: the object may sit anywhere). Rows may carry a box (``x0, y0, x1, y1``, pixels of the
+normalized image, x1 and y1 exclusive): that part of the image is cut out first and then gets the same
+squash-resize as a whole image, so crops and originals are compared under one protocol.
 """
 
 from __future__ import annotations
@@ -44,13 +46,30 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255.0 - _MEAN) / _STD
 
 
+BOX_COLUMNS = ("x0", "y0", "x1", "y1")
+
+
+def crop_box(image: Image.Image, box: np.ndarray | None) -> Image.Image:
+    """The box's part of the image (clipped to it); the whole image for a missing (NaN) or empty box."""
+    if box is None or np.isnan(box).any():
+        return image
+    x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
+    x1, y1 = min(image.width, int(box[2])), min(image.height, int(box[3]))
+    return image.crop((x0, y0, x1, y1)) if x1 > x0 and y1 > y0 else image
+
+
 def decode_batch(
     batch: dict[str, np.ndarray], *, out: str, size: int, as_float: bool
 ) -> dict[str, np.ndarray]:
     """Ray Data map_batches: blob paths -> images squashed to size x size, uint8 (N, 3, H, W), or float32
-    normalized when ``as_float``."""
-    arrays = [np.asarray(load_rgb(storage.join(out, p)).resize((size, size), Image.Resampling.BILINEAR))
-              for p in batch["path"]]  # fmt: skip
+    normalized when ``as_float``. With box columns (float, NaN where a row has none), each row's box is
+    cut out before the same resize."""
+    boxes = np.stack([batch[c] for c in BOX_COLUMNS], axis=1) if BOX_COLUMNS[0] in batch else None
+    arrays = [
+        np.asarray(crop_box(load_rgb(storage.join(out, p)), None if boxes is None else boxes[i])
+                   .resize((size, size), Image.Resampling.BILINEAR))
+        for i, p in enumerate(batch["path"])
+    ]  # fmt: skip
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     pixels = (normalize(images) if as_float else images).numpy()
     return {"image": pixels, "label": batch["label"].astype(np.int64), "row": batch["row"].astype(np.int64)}
@@ -79,12 +98,15 @@ def training_rows(images: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
 
 def ray_dataset(rows: pd.DataFrame, out: str, size: int, augment: Augment | None, batch_size: int = 32,
                 cache_bytes: int = 2**30, seed: int = 0):  # fmt: skip
-    """A Ray Dataset of these rows' images: decoded and normalized (evaluation), or decoded then
-    augmented afresh each epoch (training)."""
+    """A Ray Dataset of these rows' images (or of their boxes, when the rows have box columns): decoded
+    and normalized (evaluation), or decoded then augmented afresh each epoch (training)."""
     import ray
 
     frame = pd.DataFrame({"path": rows["path"].to_numpy(), "label": rows["label_idx"].to_numpy(),
                           "row": np.arange(len(rows))})  # fmt: skip
+    if all(c in rows.columns for c in BOX_COLUMNS):  # crops: nullable ints -> float, NaN for "no box"
+        for c in BOX_COLUMNS:
+            frame[c] = pd.to_numeric(rows[c], errors="coerce").astype("float64").to_numpy()
     if augment is not None:  # training: mix the classes across blocks (the manifest groups them)
         frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     base_size = size if augment is None else round(size * 8 / 7)  # crops need a little room

@@ -86,25 +86,31 @@ def make_jobs(cfg: RunConfig, rows: pd.DataFrame, classes: list[str]) -> list[Jo
     return jobs
 
 
-def fit(job: Job, cfg: RunConfig, ctx: RunContext, val_rows: pd.DataFrame) -> dict[str, Any]:
+def fit(
+    job: Job, cfg: RunConfig, ctx: RunContext, val_rows: pd.DataFrame, stage: str = "train"
+) -> dict[str, Any]:
     """Train one model with Ray Train and predict its rows; returns its best validation metrics and
-    prediction throughput. The probabilities stay in ``predictions/`` under the model's folder."""
+    prediction throughput. The probabilities stay in ``predictions/`` under the model's folder.
+
+    ``stage`` is the stage the model belongs to: its completion key marks the model finished, and names
+    the model's Ray Train runs and fault-injection points (other stages, e.g. evaluate, train models too).
+    """
     from ray.train import DataConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
 
     t = cfg.train
-    key = ctx.keys.get("train", "")  # the train stage's key: its settings and the data it reads
+    key = ctx.keys.get(stage, "")  # the stage's key: its settings and the data it reads
     done = storage.join(job.params.model_dir, "_COMPLETE.json")
     if storage.exists(done):
         finished = json.loads(storage.read_text(done))
         if finished.get("key") == key:  # finished in an earlier run with the same settings and data
             return finished["result"]
-    run_name = start_model_dir(job, ctx.out, key)
+    run_name = start_model_dir(job, ctx.out, key, prefix="" if stage == "train" else f"{stage}-")
     augment = Augment(flip=t.augment_flip, crop_scale=(t.augment_crop_min, 1.0), color_jitter=t.augment_color)
     size = job.params.input_size
     params = asdict(job.params)
-    params["kill_at_epochs"] = ctx.faults.kill_epochs(f"train:{job.params.member}")
+    params["kill_at_epochs"] = ctx.faults.kill_epochs(f"{stage}:{job.params.member}")
     datasets = {
         "train": ray_dataset(job.train_rows, ctx.out, size, augment, t.batch_size, seed=t.seed),
         "val": ray_dataset(val_rows, ctx.out, size, None, t.batch_size),
@@ -149,7 +155,7 @@ def fit(job: Job, cfg: RunConfig, ctx: RunContext, val_rows: pd.DataFrame) -> di
     return result
 
 
-def start_model_dir(job: Job, out: str, key: str) -> str:
+def start_model_dir(job: Job, out: str, key: str, prefix: str = "") -> str:
     """Make the model's folder ready for training under ``key``; returns the Ray Train run name.
 
     Files of an unfinished training with the same key stay: its Ray Train checkpoints resume it. Files
@@ -157,7 +163,7 @@ def start_model_dir(job: Job, out: str, key: str) -> str:
     checkpoints are taken for this one's. Fold models' folders, nested in the member's, are theirs.
     """
     model_dir = job.params.model_dir
-    base = f"{job.params.member}{'' if job.fold is None else f'-fold-{job.fold}'}"
+    base = f"{prefix}{job.params.member}{'' if job.fold is None else f'-fold-{job.fold}'}"
     key_file = storage.join(model_dir, "_KEY")
     previous = storage.read_text(key_file).strip() if storage.exists(key_file) else None
     if previous != key:

@@ -1,0 +1,50 @@
+"""Mislabel detection (seed 000, section IV-D): "if, after convolving at several scales, no classifier was
+able to find the food, the label is very likely wrong".
+
+An image is a candidate when the label's best votes over every cell of every scale are at most
+``max_votes`` (0: no member ever takes the label for its argmax anywhere). Candidates are ranked by how
+strongly the ensemble finds another class instead: score = mean probability of the best other class at
+its best cell minus that of the label at its best cell (in [-1, 1]); the other class is the suggestion.
+The score is computed for every judged image, so thresholds can be tuned on a verified subset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.crop.select import Findings
+
+
+@dataclass(frozen=True)
+class Judgment:
+    votes: int  # the label's best votes over all scales
+    label_score: float  # the label's mean member probability at its best cell
+    suggested: int  # the best class other than the label
+    suggested_votes: int
+    suggested_score: float
+    members: int
+
+    @property
+    def score(self) -> float:
+        return self.suggested_score - self.label_score
+
+    def flagged(self, max_votes: int, min_score: float) -> bool:
+        return self.votes <= max_votes and self.score >= min_score
+
+
+def judge(findings: Findings, label: int) -> Judgment:
+    other = findings.best_class(exclude=label)
+    return Judgment(
+        votes=int(findings.votes[label]), label_score=float(findings.score[label]), suggested=other,
+        suggested_votes=int(findings.votes[other]), suggested_score=float(findings.score[other]),
+        members=findings.members,
+    )  # fmt: skip
+
+
+def evidence(j: Judgment, label: str, suggested: str, label_scale: float, suggested_scale: float) -> str:
+    """A line for annotators: how the label and the suggestion were found."""
+    return (
+        f"{label}: best {j.votes}/{j.members} votes, p={j.label_score:.2f} (scale {label_scale:.2f}); "
+        f"{suggested}: {j.suggested_votes}/{j.members} votes, p={j.suggested_score:.2f} "
+        f"(scale {suggested_scale:.2f})"
+    )

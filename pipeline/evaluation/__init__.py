@@ -1,0 +1,13 @@
+"""Evaluation of a run: the paper's Table IV (a classifier outside the ensemble on original and cropped test
+images) and the quality of the blacklist. Everything lands in the ``evaluation`` section of
+``OUT/metrics.json``, each part merging its own keys so that parts written at different times coexist.
+
+This package stays light to import (no torch, no Ray): the training side lives in
+``pipeline/stages/evaluate.py``.
+"""
+
+from __future__ import annotations
+
+from pipeline.evaluation.classify import format_evaluation, merge_evaluation_metrics, read_evaluation_metrics
+
+__all__ = ["format_evaluation", "merge_evaluation_metrics", "read_evaluation_metrics"]

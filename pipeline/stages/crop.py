@@ -1,0 +1,363 @@
+"""Stage ``crop``: point-of-interest crops, the mislabel blacklist and the cropped dataset.
+
+Every ok image with a split goes through a Ray Data actor pool; each actor holds the whole ensemble as
+fully convolutional nets (and the fold models with cross-fitting), on a GPU share when the cluster has
+GPUs. Batches are grouped by image size, so that the images of a group share one pyramid. For each image
+the actor writes crops (label-driven and label-free, for the method and the baselines), its judgment
+(does any member find the label?) and, unless it is blacklisted, the cropped JPEG under
+``OUT/cropped/<split>/<class>/<image_id>.jpg``. Results land in part files in the stage's keyed shard
+folder as each batch finishes, so a crash resumes with the images that have none.
+
+With ``train.folds`` the train images are judged only by the fold models that never saw them; which
+models crop them follows ``train.crop_models``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from pipeline import manifests, storage
+from pipeline.config import RunConfig
+from pipeline.crop import judge, select
+from pipeline.crop.localize import FCNEnsemble, Located, Saliency, load_classifier, whole_image_probs
+from pipeline.models.data import load_rgb, normalize, training_rows
+from pipeline.reasons import Reason
+from pipeline.stages.base import Resources, RunContext, Stage
+from pipeline.stages.train import fold_of, model_dir
+from pipeline.summary import update_metrics
+
+SIMILARNET_IMAGES = 256  # val images that measure SIMILARnet's filter importances
+
+
+def cropped_path(split: str, label: str, image_id: str) -> str:
+    """Where an image's crop goes, relative to the run's output URI (ImageFolder layout)."""
+    return f"cropped/{split}/{label}/{image_id}.jpg"
+
+
+@dataclass
+class Settings:
+    """What an actor needs; plain data, shipped to every actor."""
+
+    out: str
+    classes: list[str]
+    members: list[str]
+    folds: int
+    crop_models: str  # full | folds
+    method: str
+    mode: str
+    baselines: list[str]
+    step: float
+    max_scale: float
+    early_stop: bool
+    display_aspect: tuple[float, float] | None
+    display_min_area: float
+    max_votes: int
+    min_score: float
+    export: bool
+    jpeg_quality: int
+    threads: int
+    parts_dir: str
+    similarnet_rows: list[tuple[str, int]] = field(default_factory=list)  # (path, label index) of val images
+
+
+def _to_tensor(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return normalize(x).to(device)
+
+
+class CropWorker:
+    """A Ray Data actor: the ensemble in memory; batches of images in, part files out."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        torch.set_num_threads(max(1, settings.threads))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dirs = {None: [model_dir(settings.out, m, None) for m in settings.members]}
+        for k in range(settings.folds):
+            dirs[k] = [model_dir(settings.out, m, k) for m in settings.members]
+        self.models = {k: [load_classifier(d, self.device) for d in ds] for k, ds in dirs.items()}
+        self.fcn = {k: FCNEnsemble(ms, settings.step, settings.max_scale, settings.early_stop)
+                    for k, ms in self.models.items()}  # fmt: skip
+        self.saliency: dict[str, Saliency] = {}
+        methods = {settings.method, *settings.baselines}
+        if "gradcam" in methods:
+            self.saliency["gradcam"] = Saliency("gradcam", self.models[None])
+        if "similarnet" in methods:
+            self.saliency["similarnet"] = Saliency(
+                "similarnet", self.models[None], self._similarnet_weights()
+            )
+
+    def _similarnet_weights(self) -> list[torch.Tensor]:
+        from pipeline.crop.saliency import similarnet_weights
+
+        if not self.s.similarnet_rows:
+            raise ValueError("similarnet needs val images to measure its filter importances")
+        weights = []
+        labels = torch.tensor([lab for _, lab in self.s.similarnet_rows])
+        pictures = [load_rgb(storage.join(self.s.out, p)) for p, _ in self.s.similarnet_rows]
+        for model in self.models[None]:
+            size = (model.input_size, model.input_size)
+            x = _to_tensor([np.asarray(im.resize(size)) for im in pictures], self.device)
+            weights.append(similarnet_weights(model, x, labels.to(self.device)))
+        return weights
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        pictures = [np.asarray(load_rgb(storage.join(self.s.out, p))) for p in batch["path"]]
+        crops: list[dict[str, Any]] = []
+        judged: list[dict[str, Any]] = []
+        folds = batch["fold"].to_numpy()
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, pic in enumerate(pictures):
+            fold = None if pd.isna(folds[i]) else int(folds[i])
+            groups.setdefault((pic.shape[0], pic.shape[1], fold), []).append(i)
+        for (_, _, fold), idx in groups.items():
+            x = _to_tensor([pictures[i] for i in idx], self.device)
+            judge_located = self.fcn[fold].locate(x)
+            crop_key = fold if self.s.crop_models == "folds" else None
+            crop_located = judge_located if crop_key == fold else self.fcn[crop_key].locate(x)
+            whole = whole_image_probs(self.models[crop_key], x) if self.saliency else None
+            for n, i in enumerate(idx):
+                row = batch.iloc[i]
+                verdict = self._judge(row, judge_located[n])
+                judged.append(verdict)
+                crops += self._crop_rows(row, pictures[i], crop_located[n], verdict, x[n : n + 1],
+                                         None if whole is None else whole[n])  # fmt: skip
+        part = uuid.uuid4().hex
+        manifests.write_table_atomic(_table(crops), storage.join(self.s.parts_dir, f"crops-{part}.parquet"))
+        # The judged part goes last: an image counts as done only once both files exist.
+        manifests.write_table_atomic(_table(judged), storage.join(self.s.parts_dir, f"judged-{part}.parquet"))
+        return pd.DataFrame({"image_id": batch["image_id"].to_numpy()})
+
+    # ------------------------------------------------------------------------------------ per image
+
+    def _judge(self, row: pd.Series, located: Located | None) -> dict[str, Any]:
+        base = {"image_id": row["image_id"], "split": row["split"], "label": row["label"],
+                "path": row["path"], "cross_label": bool(row["cross_label"])}  # fmt: skip
+        if located is None:
+            return base | {"reason": Reason.TOO_SMALL_FOR_SCALES, "flagged": bool(row["cross_label"])}
+        j = judge.judge(located.findings, int(row["label_idx"]))
+        names = self.s.classes
+        flagged = j.flagged(self.s.max_votes, self.s.min_score)
+        return base | {
+            "votes": j.votes, "label_score": j.label_score, "suggested_label": names[j.suggested],
+            "suggested_votes": j.suggested_votes, "suggested_score": j.suggested_score,
+            "members": j.members, "score": j.score, "flagged": flagged or bool(row["cross_label"]),
+            "reason": Reason.LABEL_NOT_FOUND if flagged else None,
+            "evidence": judge.evidence(j, row["label"], names[j.suggested],
+                                       located.scale_of(int(row["label_idx"])).factor,
+                                       located.scale_of(j.suggested).factor),
+        }  # fmt: skip
+
+    def _crop_rows(self, row: pd.Series, picture: np.ndarray, located: Located | None,
+                   verdict: dict[str, Any], x: torch.Tensor,
+                   whole: np.ndarray | None) -> list[dict[str, Any]]:  # fmt: skip
+        s = self.s
+        base = {"image_id": row["image_id"], "split": row["split"], "label": row["label"], "mode": s.mode}
+        methods = ["fcn_ensemble", *[m for m in [s.method, *s.baselines] if m != "fcn_ensemble"]]
+        if located is None:
+            return [base | {"target": t, "method": m, "reason": Reason.TOO_SMALL_FOR_SCALES}
+                    for m in methods for t in ("label", "predicted")]  # fmt: skip
+        height, width = picture.shape[:2]
+        label = int(row["label_idx"])
+        fcn_class = {"label": label, "predicted": located.findings.best_class()}
+        fcn_box = {t: located.box(c, s.mode) for t, c in fcn_class.items()}
+        rows = []
+        for method in methods:
+            for target in ("label", "predicted"):
+                box, searched, extra = self._locate(
+                    method, target, located, fcn_class, fcn_box, label, x, whole
+                )
+                r = base | {"target": target, "method": method, "searched": searched, **extra}
+                r.update(zip(("x0", "y0", "x1", "y1"), box, strict=True))
+                if s.display_aspect:
+                    d = select.display_box(box, width, height, s.display_aspect, s.display_min_area)
+                    r.update(zip(("display_x0", "display_y0", "display_x1", "display_y1"), d, strict=True))
+                if method == s.method and target == "label":
+                    r.update(self._export(row, picture, box, verdict))
+                rows.append(r)
+        return rows
+
+    def _locate(self, method: str, target: str, located: Located, fcn_class: dict[str, int],
+                fcn_box: dict[str, select.Box], label: int, x: torch.Tensor,
+                whole: np.ndarray | None) -> tuple[select.Box, str | None, dict[str, Any]]:  # fmt: skip
+        names, f = self.s.classes, located.findings
+        height, width = x.shape[-2:]
+        if method == "fcn_ensemble":
+            c = fcn_class[target]
+            extra = {"scale": located.scale_of(c).factor, "votes": int(f.votes[c]), "members": f.members,
+                     "score": float(f.score[c])}  # fmt: skip
+            return fcn_box[target], names[c], extra
+        if method == "centre":  # the method's crop size, in the middle: zoom without localization
+            x0, y0, x1, y1 = fcn_box[target]
+            return select.centre_box(max(x1 - x0, y1 - y0), width, height), None, {}
+        assert whole is not None
+        c = label if target == "label" else int(np.argmax(whole))
+        heat = self.saliency[method].heat(x, torch.tensor([c], device=x.device))[0]
+        if self.s.mode == "region":
+            return select.heat_region(heat), names[c], {}
+        box, share = select.heat_window(heat, [sc.side for sc in located.scales])
+        return box, names[c], {"score": share}
+
+    def _export(self, row: pd.Series, picture: np.ndarray, box: select.Box,
+                verdict: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+        if verdict.get("flagged"):
+            return {"reason": Reason.BLACKLISTED}
+        if not self.s.export:
+            return {}
+        x0, y0, x1, y1 = box
+        buf = io.BytesIO()
+        Image.fromarray(picture[y0:y1, x0:x1]).save(buf, format="JPEG", quality=self.s.jpeg_quality)
+        path = cropped_path(row["split"], row["label"], row["image_id"])
+        storage.write_bytes_atomic(storage.join(self.s.out, path), buf.getvalue())
+        return {"path": path}
+
+
+def _table(rows: list[dict[str, Any]]):
+    import pyarrow as pa
+
+    frame = pd.DataFrame(rows)
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+
+def cross_label_ids(ctx: RunContext) -> set[str]:
+    """Images whose duplicate group carries more than one label (dedupe's ``cross_label``)."""
+    uri = ctx.manifest("duplicates")
+    if not storage.exists(uri):
+        return set()
+    dups = manifests.read_manifest("duplicates", uri, columns=["image_id", "cross_label"])
+    return set(dups.loc[dups["cross_label"], "image_id"])
+
+
+def read_parts(parts_dir: str, kind: str) -> pd.DataFrame:
+    frames = [manifests.read_table(u).to_pandas() for u in storage.list_files(parts_dir, ".parquet")
+              if u.rsplit("/", 1)[-1].startswith(f"{kind}-")]  # fmt: skip
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def prepare_export_dir(ctx: RunContext, key: str) -> None:
+    """OUT/cropped/ belongs to one stage key: crops of other settings are removed before new ones come."""
+    key_file = ctx.uri("cropped", "_KEY")
+    previous = storage.read_text(key_file).strip() if storage.exists(key_file) else None
+    if previous != key:
+        storage.remove(ctx.uri("cropped"))
+        storage.write_text_atomic(key_file, key)
+
+
+def use_gpu(cfg: RunConfig) -> bool:
+    import ray
+
+    choice = cfg.crop.use_gpu
+    return choice == "yes" or (choice == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+
+
+class CropStage(Stage):
+    name = "crop"
+    resources = Resources(cpus=1)
+    config_sections: ClassVar[tuple[str, ...]] = ("crop", "blacklist")
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        cfg, start = ctx.cfg, time.perf_counter()
+        classes = json.loads(storage.read_text(ctx.uri("models", "classes.json")))
+        images = manifests.read_manifest("images", ctx.manifest("images"))
+        rows = training_rows(images, classes)
+        crossed = cross_label_ids(ctx)
+        rows = rows.assign(cross_label=rows["image_id"].isin(crossed))
+        folds = cfg.train.folds
+        fold = pd.Series(np.nan, index=rows.index)
+        if folds:
+            train = rows["split"] == "train"
+            fold[train] = fold_of(rows.loc[train, "image_id"], folds, cfg.train.seed).astype(float)
+        rows = rows.assign(fold=fold)
+
+        key = ctx.keys.get(self.name, "-")
+        parts_dir = ctx.shard_dir(self.name)
+        prepare_export_dir(ctx, key)
+        done = read_parts(parts_dir, "judged")
+        todo = rows[~rows["image_id"].isin(set(done.get("image_id", [])))]
+        settings = self._settings(ctx, classes, rows, parts_dir)
+        if len(todo):
+            self._run_actors(cfg, settings, todo)
+        crops, judged = read_parts(parts_dir, "crops"), read_parts(parts_dir, "judged")
+        crops = crops.drop_duplicates(["image_id", "method", "target"]).reset_index(drop=True)
+        judged = judged.drop_duplicates("image_id").reset_index(drop=True)
+        manifests.write_manifest("crops", crops, ctx.manifest("crops"))
+        blacklist = blacklist_rows(judged)
+        manifests.write_manifest("blacklist", blacklist, ctx.manifest("blacklist"))
+        # Per-image judgments (flagged or not) with their scores, for ranking metrics and calibration.
+        judgments = storage.join(ctx.stage_dir(self.name), "judgments.parquet")
+        manifests.write_table_atomic(_table(judged.to_dict("records")), judgments)
+        stats = crop_stats(crops, judged, blacklist, cfg.crop.method, len(todo), time.perf_counter() - start)
+        update_metrics(cfg.out, "crop", stats)
+        return stats
+
+    def _settings(self, ctx: RunContext, classes: list[str], rows: pd.DataFrame, parts_dir: str) -> Settings:
+        cfg = ctx.cfg
+        c, b = cfg.crop, cfg.blacklist
+        val = rows[rows["split"] == "val"].head(SIMILARNET_IMAGES)
+        return Settings(
+            out=cfg.out, classes=classes, members=[m.label for m in cfg.train.members], folds=cfg.train.folds,
+            crop_models=cfg.train.crop_models, method=c.method, mode=c.mode, baselines=list(c.baselines),
+            step=c.scale_factor, max_scale=c.max_scale, early_stop=c.early_stop,
+            display_aspect=tuple(c.display_aspect) if c.display_aspect else None,
+            display_min_area=c.display_min_area, max_votes=b.max_votes, min_score=b.min_score,
+            export=c.export, jpeg_quality=c.jpeg_quality, threads=max(1, int(c.cpus_per_actor)),
+            parts_dir=parts_dir,
+            similarnet_rows=list(zip(val["path"], val["label_idx"].astype(int), strict=True)),
+        )  # fmt: skip
+
+    def _run_actors(self, cfg: RunConfig, settings: Settings, todo: pd.DataFrame) -> None:
+        import ray
+
+        gpu = use_gpu(cfg)
+        actors = cfg.crop.actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1)
+        columns = ["image_id", "split", "label", "label_idx", "path", "fold", "cross_label"]
+        # Rows sorted by size so that batches hold images of one pyramid.
+        frame = todo[columns].assign(_size=todo["width"] * 100_000 + todo["height"]).sort_values("_size")
+        ds = ray.data.from_pandas(frame.drop(columns="_size").reset_index(drop=True))
+        ds = ds.map_batches(
+            CropWorker, fn_constructor_kwargs={"settings": settings}, batch_size=cfg.crop.batch_size,
+            batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cfg.crop.cpus_per_actor, num_gpus=cfg.crop.gpus_per_actor if gpu else 0,
+        )  # fmt: skip
+        ds.materialize()
+
+
+def blacklist_rows(judged: pd.DataFrame) -> pd.DataFrame:
+    """The flagged images, most likely wrong first."""
+    flagged = judged[judged["flagged"].fillna(False).astype(bool)].copy()
+    if flagged.empty:
+        return pd.DataFrame(columns=manifests.load_schema("blacklist").names)
+    reason = flagged["reason"].where(
+        flagged["reason"] == Reason.LABEL_NOT_FOUND, Reason.CROSS_LABEL_DUPLICATE
+    )
+    flagged = flagged.assign(reason=reason, score=flagged["score"].fillna(1.0) if "score" in flagged else 1.0)
+    flagged = flagged.sort_values(["score", "image_id"], ascending=[False, True])
+    return flagged.reindex(columns=manifests.load_schema("blacklist").names).reset_index(drop=True)
+
+
+def crop_stats(crops: pd.DataFrame, judged: pd.DataFrame, blacklist: pd.DataFrame, method: str,
+               processed: int, seconds: float) -> dict[str, Any]:  # fmt: skip
+    main = crops[(crops["method"] == method) & (crops["target"] == "label")]
+    boxed = main.dropna(subset=["x0"])
+    return {
+        "images": len(judged),
+        "processed": processed,
+        "seconds": round(seconds, 2),
+        "too_small": int((judged["reason"] == Reason.TOO_SMALL_FOR_SCALES).sum()),
+        "blacklisted": {str(k): int(v) for k, v in blacklist["reason"].value_counts().items()},
+        "exported": int(main["path"].notna().sum()),
+        "mean_side": round(float((boxed["x1"] - boxed["x0"]).mean()), 1) if len(boxed) else None,
+    }
