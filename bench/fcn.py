@@ -206,32 +206,34 @@ def cpu_seconds() -> tuple[float, float]:
     return busy / os.sysconf("SC_CLK_TCK"), time.process_time()
 
 
-def timed(calls: dict, repeats: int, budget_s: float, sync) -> dict[str, tuple[float, float, object]]:
+def timed(calls: dict, repeats: int, budget_s: float, sync, patience_s: float = 0.0, quiet: float = 0.1):
     """Each call's best wall time over up to ``repeats`` rounds, the calls interleaved within a round
     (so that load from other processes hits both alike); no new round once any call has spent
-    ``budget_s``. Per call: (best seconds, share of the CPUs other processes used during that best run,
-    the last output)."""
+    ``budget_s``. With ``patience_s``, rounds go on (for up to that many seconds more) until every call
+    has had one run during which other processes used under ``quiet`` of the CPUs. Per call: (best
+    seconds, share of the CPUs other processes used during that best run, the last output)."""
     best = {k: (math.inf, math.nan, None) for k in calls}
     spent = dict.fromkeys(calls, 0.0)
+    calm = dict.fromkeys(calls, False)
     ncpu = os.cpu_count() or 1
-    for _ in range(repeats):
+    start, rounds = time.monotonic(), 0
+    while True:
         for key, fn in calls.items():
             sync()
             machine0, own0 = cpu_seconds()
-            start = time.perf_counter()
+            t0 = time.perf_counter()
             out = fn()
             sync()
-            took = time.perf_counter() - start
+            took = time.perf_counter() - t0
             machine1, own1 = cpu_seconds()
             others = max(0.0, (machine1 - machine0) - (own1 - own0)) / (took * ncpu)
             spent[key] += took
-            if took < best[key][0]:
-                best[key] = (took, others, out)
-            else:
-                best[key] = (*best[key][:2], out)
-        if max(spent.values()) >= budget_s:
-            break
-    return best
+            calm[key] = calm[key] or others < quiet
+            best[key] = (took, others, out) if took < best[key][0] else (*best[key][:2], out)
+        rounds += 1
+        done = rounds >= repeats or max(spent.values()) >= budget_s
+        if done and (all(calm.values()) or time.monotonic() - start >= budget_s + patience_s):
+            return best
 
 
 def wait_idle(limit_s: float, threshold: float = 0.1) -> float:
@@ -298,8 +300,8 @@ def bench_member(spec: str, args: argparse.Namespace, device: torch.device) -> R
         return torch.cat(out)
 
     window_probs(range(1))  # warm-up: the crop-batch shapes of one image
-    runs = timed({"fcn": run_fcn, "windows": lambda: window_probs(range(args.images))}, args.repeats,
-                 args.budget, sync)  # fmt: skip
+    calls = {"fcn": run_fcn, "windows": lambda: window_probs(range(args.images))}
+    runs = timed(calls, args.repeats, args.budget, sync, patience_s=args.wait_idle)
     (fcn_s, fcn_others, probs_fcn), (windows_s, windows_others, probs_win) = runs["fcn"], runs["windows"]
 
     diff = (probs_fcn - probs_win).abs().amax(dim=1).cpu()  # (N, h, w)
@@ -390,7 +392,8 @@ def main() -> int:
         "--wait-idle",
         type=float,
         default=0.0,
-        help="before each member, wait up to this many seconds for idle CPUs",
+        help="before each member, wait up to this many seconds for idle CPUs; then go on timing for up to "
+        "this many seconds more until each path has had one run undisturbed by other processes",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results here")

@@ -92,24 +92,104 @@ def cmd_crawl(args: argparse.Namespace) -> int:
     return _run_ingest(_config_from_args(args, doc))
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _ingested_config(args: argparse.Namespace, command: str) -> RunConfig | None:
+    """The config of the ingested run at ``args.out`` (its run.yaml), with this command's --set applied."""
     from pipeline import storage
+
+    run_yaml = storage.join(args.out, "run.yaml")
+    if not storage.exists(run_yaml):
+        print(f"cropclean {command}: {args.out} holds no run (no run.yaml); run cropclean ingest first",
+              file=sys.stderr)  # fmt: skip
+        return None
+    return _config_from_args(args, load_config_file(run_yaml))
+
+
+def _print_training(report: Any, cfg: RunConfig) -> None:
+    from pipeline import storage
+
+    for member, numbers in report.results["train"].stats.get("members", {}).items():
+        print(f"{member:24s} val top-1 {numbers['val_top1']:.3f}  top-5 {numbers['val_top5']:.3f}")
+    print(f"models: {storage.join(cfg.out, 'models')}/  predictions: {cfg.out}/manifests/predictions.parquet")
+
+
+def _print_crop(report: Any, cfg: RunConfig) -> None:
+    stats = report.results["crop"].stats
+    flagged = ", ".join(f"{n} {r}" for r, n in stats.get("blacklisted", {}).items()) or "none"
+    print(f"crops: {stats['exported']} images cropped under {cfg.out}/cropped/ "
+          f"(mean side {stats['mean_side']} px); {stats['too_small']} too small for the pyramid")  # fmt: skip
+    print(f"blacklist: {flagged} -> {cfg.out}/manifests/blacklist.parquet")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.ingest import ingest_stages
     from pipeline.runner import run_stages
     from pipeline.stages.train import TrainStage
 
-    run_yaml = storage.join(args.out, "run.yaml")
-    if not storage.exists(run_yaml):
-        print(
-            f"cropclean train: {args.out} holds no run (no run.yaml); run cropclean ingest first",
-            file=sys.stderr,
-        )
+    cfg = _ingested_config(args, "train")
+    if cfg is None:
         return EXIT_USAGE
-    cfg = _config_from_args(args, load_config_file(run_yaml))
     report = run_stages(cfg, [*ingest_stages(), TrainStage()])
-    for member, numbers in report.results["train"].stats.get("members", {}).items():
-        print(f"{member:24s} val top-1 {numbers['val_top1']:.3f}  top-5 {numbers['val_top5']:.3f}")
-    print(f"models: {storage.join(cfg.out, 'models')}/  predictions: {cfg.out}/manifests/predictions.parquet")
+    _print_training(report, cfg)
+    return EXIT_OK
+
+
+def cmd_crop(args: argparse.Namespace) -> int:
+    from pipeline.ingest import ingest_stages
+    from pipeline.runner import run_stages
+    from pipeline.stages.crop import CropStage
+    from pipeline.stages.train import TrainStage
+
+    cfg = _ingested_config(args, "crop")
+    if cfg is None:
+        return EXIT_USAGE
+    report = run_stages(cfg, [*ingest_stages(), TrainStage(), CropStage()])
+    _print_crop(report, cfg)
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.evaluation.classify import format_evaluation
+    from pipeline.ingest import ingest_stages
+    from pipeline.runner import run_stages
+    from pipeline.stages.crop import CropStage
+    from pipeline.stages.evaluate import EvaluateStage
+    from pipeline.stages.train import TrainStage
+
+    cfg = _ingested_config(args, "evaluate")
+    if cfg is None:
+        return EXIT_USAGE
+    run_stages(cfg, [*ingest_stages(), TrainStage(), CropStage(), EvaluateStage()])
+    print(format_evaluation(_metrics(cfg).get("evaluation", {})))
+    return EXIT_OK
+
+
+def _metrics(cfg: RunConfig) -> dict[str, Any]:
+    import json
+
+    from pipeline import storage
+
+    uri = storage.join(cfg.out, "metrics.json")
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    """Everything: ingest, train, crop and blacklist, evaluate."""
+    from pipeline.evaluation.classify import format_evaluation
+    from pipeline.ingest import ingest_stages, run_ingest
+    from pipeline.runner import run_stages
+    from pipeline.stages.crop import CropStage
+    from pipeline.stages.evaluate import EvaluateStage
+    from pipeline.stages.train import TrainStage
+    from pipeline.summary import format_ingest_summary
+
+    source = {"uri": args.source, **({"kind": args.kind} if args.kind else {})}
+    cfg = _config_from_args(args, {"sources": [source]})
+    report, summary = run_ingest(cfg)
+    print(format_ingest_summary(summary, cfg.out))
+    report = run_stages(cfg, [*ingest_stages(), TrainStage(), CropStage(), EvaluateStage()])
+    _print_training(report, cfg)
+    _print_crop(report, cfg)
+    print(format_evaluation(_metrics(cfg).get("evaluation", {})))
     return EXIT_OK
 
 
@@ -166,6 +246,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output URI of an ingested run")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("crop", help="crop an ingested, trained run and write its blacklist (reads OUT)")
+    p.add_argument("out", help="output URI of an ingested run (trains first if needed)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_crop)
+
+    p = sub.add_parser(
+        "evaluate", help="the paper's evaluation (Table IV) and quality numbers of a cropped run"
+    )
+    p.add_argument("out", help="output URI of an ingested run (trains and crops first if needed)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("clean", help="everything: ingest, train, crop and blacklist, evaluate")
+    p.add_argument("source", help="Food-101 root, ImageFolder root or URL list (any fsspec URI)")
+    p.add_argument("--out", required=True, help="output URI of the run")
+    p.add_argument(
+        "--kind", choices=["food101", "imagefolder", "urllist"], help="source kind (default: detect)"
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_clean)
 
     p = sub.add_parser("run", help="run the pipeline described by a config file")
     p.add_argument("config")

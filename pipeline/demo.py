@@ -1,4 +1,5 @@
-"""``make demo``: generate a small dataset, ingest it and train the ensemble on a local Ray instance."""
+"""``make demo``: generate a small dataset and clean it on a local Ray instance: ingest, train the ensemble,
+crop and blacklist, evaluate."""
 
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ def main() -> int:
     if not storage.exists(storage.join(data, "meta", "train.txt")):
         cli_main(["synth", data, "--classes", str(args.classes), "--per-class", str(args.per_class),
                   "--clutter", str(args.clutter)])  # fmt: skip
-    code = cli_main(["ingest", data, "--out", run, "--preset", "cpu-small"])
-    if code == 0 and not args.no_train:
-        print(f"\ntraining the ensemble ({time.perf_counter() - start:.0f}s so far)")
-        code = cli_main(["train", run])
+    if args.no_train:
+        code = cli_main(["ingest", data, "--out", run, "--preset", "cpu-small"])
+    else:
+        code = cli_main(["clean", data, "--out", run, "--preset", "cpu-small"])
     print(f"\ndemo finished in {time.perf_counter() - start:.0f}s; run folder: {run}")
     return code
 

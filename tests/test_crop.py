@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -44,7 +46,7 @@ def picture(width: int, height: int, square: tuple[int, int, int]) -> torch.Tens
 def test_pyramid_starts_at_the_short_side_and_stops_at_max_scale():
     scales = pyramid(128, 64, 1.2, 3.0)
     assert scales[0].side == pytest.approx(128) and scales[0].factor == pytest.approx(0.5)
-    assert all(b.side == pytest.approx(a.side / 1.2) for a, b in zip(scales, scales[1:], strict=False))
+    assert all(b.side == pytest.approx(a.side / 1.2) for a, b in itertools.pairwise(scales))
     assert scales[-1].factor <= 3.0 < scales[-1].factor * 1.2
     assert pyramid(20, 64, 1.2, 3.0) == []  # 64 / 20 > 3: too small for a single scale
     assert len(pyramid(22, 64, 1.2, 3.0)) == 1
@@ -82,7 +84,7 @@ def test_planted_object_lights_the_cells_over_it_in_both_members_after_alignment
             # the square's.
             # At the border that spread is one-sided; the overlap checks below cover those squares.
             slack = 1.5 * step + (maps.scale.side - s) / 2
-            if 0 < sx and sx + s < 180 and 0 < sy and sy + s < 128:
+            if sx > 0 and sx + s < 180 and sy > 0 and sy + s < 128:
                 assert np.abs(at - centre).max() <= slack, (maps.scale, m, at, centre)
         # The most confident cell's window overlaps the square, for both members.
         boxes = maps.boxes(180, 128)
@@ -150,7 +152,7 @@ def test_display_box_meets_aspect_and_area_and_contains_the_crop():
     w, h = d[2] - d[0], d[3] - d[1]
     assert 0.5 <= w / h <= 2.0 + 1e-9 and w * h >= 0.2 * 200 * 150 - 200
     assert d[0] <= 50 and d[1] <= 10 and d[2] >= 70 and d[3] >= 110
-    assert 0 <= d[0] and d[2] <= 200 and 0 <= d[1] and d[3] <= 150
+    assert d[0] >= 0 and d[2] <= 200 and d[1] >= 0 and d[3] <= 150
 
 
 def test_heat_window_and_region_find_a_hot_square():

@@ -41,7 +41,8 @@ def oracle_boxes(data: Path, out: Path, pad: float = PAD) -> pd.DataFrame:
     sx, sy = rows["width"] / rows["orig_width"], rows["height"] / rows["orig_height"]
     pw, ph = (rows["x1"] - rows["x0"]) * pad, (rows["y1"] - rows["y0"]) * pad
     boxes = pd.DataFrame({
-        "x0": np.floor((rows["x0"] - pw) * sx).clip(lower=0), "y0": np.floor((rows["y0"] - ph) * sy).clip(lower=0),
+        "x0": np.floor((rows["x0"] - pw) * sx).clip(lower=0),
+        "y0": np.floor((rows["y0"] - ph) * sy).clip(lower=0),
         "x1": np.minimum(np.ceil((rows["x1"] + pw) * sx), rows["width"]),
         "y1": np.minimum(np.ceil((rows["y1"] + ph) * sy), rows["height"]),
     })  # fmt: skip
@@ -101,7 +102,7 @@ def test_decode_crops_the_box_before_the_same_resize(tmp_path):
 def test_sets_keep_every_test_image_and_count_whole_image_fallbacks():
     test = pd.DataFrame({"image_id": ["a", "b", "c"], "split": "test", "path": "p", "label_idx": [0, 1, 2]})
     crops = pd.DataFrame({
-        "image_id": ["a", "b", "a", "a"], "split": "test", "method": [METHOD, METHOD, METHOD, "centre"],
+        "image_id": ["a", "b", "a", "a"], "method": [METHOD, METHOD, METHOD, "centre"],
         "target": ["predicted", "predicted", "label", "label"], "x0": [1, None, 1, 2], "y0": [1, None, 1, 2],
         "x1": [5, None, 5, 6], "y1": [5, None, 5, 6],
     })  # fmt: skip
@@ -111,8 +112,8 @@ def test_sets_keep_every_test_image_and_count_whole_image_fallbacks():
     assert fallback == {f"{METHOD}/label_free": 2, f"{METHOD}/label_driven": 2, "centre/label_driven": 2}
     boxed, missing = with_boxes(test, crops, METHOD, "predicted")
     assert missing == 2 and boxed.loc[0, "x1"] == 5 and math.isnan(boxed.loc[1, "x0"])
-    probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.3, 0.5], [0.1, 0.2, 0.7]])
-    assert topk(probs, np.array([0, 0, 2]), 1) == pytest.approx(2 / 3) and topk(probs, np.array([0, 0, 2]), 3) == 1
+    probs, labels = np.array([[0.6, 0.3, 0.1], [0.2, 0.3, 0.5], [0.1, 0.2, 0.7]]), np.array([0, 0, 2])
+    assert topk(probs, labels, 1) == pytest.approx(2 / 3) and topk(probs, labels, 3) == 1
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,8 @@ def test_plan_trains_on_train_selects_on_val_and_predicts_test_only(oracle_run):
     cfg = ingest_config(data, out, *SETS)
     images = manifests.read_manifest("images", str(out / "manifests" / "images.parquet"))
     crops = manifests.read_manifest("crops", str(out / "manifests" / "crops.parquet"))
-    blacklisted = set(manifests.read_manifest("blacklist", str(out / "manifests" / "blacklist.parquet"))["image_id"])
+    blacklist = manifests.read_manifest("blacklist", str(out / "manifests" / "blacklist.parquet"))
+    blacklisted = set(blacklist["image_id"])
     classes = sorted(images.loc[images["status"] == "ok", "label"].dropna().unique())
     plan = evaluation_plan(cfg, images, crops, blacklisted, classes)
     split = images.set_index("image_id")["split"]
@@ -143,11 +145,13 @@ def test_plan_trains_on_train_selects_on_val_and_predicts_test_only(oracle_run):
         assert set(split[model.val_rows["image_id"]]) == {"val"}
         assert set(split[model.job.predict_rows["image_id"]]) == {"test"}
     n_test = int(((images["status"] == "ok") & (images["split"] == "test")).sum())
-    assert plan.test_images == n_test and len(outside.job.predict_rows) == 5 * n_test  # original + 4 crop sets
+    assert plan.test_images == n_test
+    assert len(outside.job.predict_rows) == 5 * n_test  # originals and 4 crop sets, all predicted at once
     assert not set(retrained.job.train_rows["image_id"]) & blacklisted  # the cleaned train split
     assert retrained.job.train_rows[list(BOX_COLUMNS)].notna().all().all()  # ... of label-driven crops
     assert outside.job.train_rows.columns.intersection(BOX_COLUMNS).empty  # ... the outside one: originals
-    assert plan.retrain["blacklisted_excluded"]["train"] == len(blacklisted & set(split[split == "train"].index))
+    flagged_train = blacklisted & set(split[split == "train"].index)
+    assert flagged_train and plan.retrain["blacklisted_excluded"]["train"] == len(flagged_train)
 
 
 def test_table_iv_on_oracle_crops(oracle_run, tmp_path):
@@ -165,14 +169,20 @@ def test_table_iv_on_oracle_crops(oracle_run, tmp_path):
         assert 0 <= value <= 1, key
     images = manifests.read_manifest("images", str(out / "manifests" / "images.parquet"))
     assert ev["test_images"] == int(((images["status"] == "ok") & (images["split"] == "test")).sum())
-    assert ev["outside_arch"] == "resnet18" and set(ev["fallback_whole_image"]) == {
-        f"{METHOD}/label_free", f"{METHOD}/label_driven", "centre/label_free", "centre/label_driven"}
+    assert ev["outside_arch"] == "resnet18" and ev["input_size"] == 48
+    sets = {f"{m}/{t}" for m in (METHOD, "centre") for t in ("label_free", "label_driven")}
+    assert set(ev["fallback_whole_image"]) == sets and sum(ev["fallback_whole_image"].values()) == 0
     assert (out / "models" / "_evaluate" / "outside" / "best.pt").exists()
     assert (out / "models" / "_evaluate" / "outside-retrained" / "best.pt").exists()
     n_val = int(((images["status"] == "ok") & (images["split"] == "val")).sum())
     assert ev["models"]["outside"]["val_images"] == n_val
     print(format_evaluation(ev), f"\n{seconds:.1f} s")
-    # Measured (2 cores, 56 test images, 5 classes): see the note at the end of this file.
+    # Measured on 2 cores (56 test images, 5 classes, chance 0.2; training is not bit-reproducible across
+    # runs, so each run differs): top-1 original / oracle label-driven crops / retrained on oracle crops
+    # was 0.16 / 0.34 / 0.96 with PAD 0.05; with PAD 0.1: 0.29 / 0.61 / 1.0, 0.36 / 0.54 / 1.0 and, with
+    # train.seed=1, 0.36 / 0.50 / 1.0; with PAD 0: 0.25 / 0.57 / 0.98 and 0.29 / 0.57 / 0.98 (seed 1).
+    # Looser boxes gain less (PAD 0.3: +0.14 and +0.05): the outside classifier trained on whole images
+    # gains by losing the clutter, and loses by the change of scale.
     assert ev["top1_cropped_label_driven"] >= ev["top1_original"] + 0.1
     assert ev["top1_cropped_retrained"] >= ev["top1_cropped_label_driven"] + 0.1
     assert "Table IV" in format_evaluation({"evaluation": ev})

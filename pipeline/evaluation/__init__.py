@@ -2,7 +2,7 @@
 images) and the quality of the blacklist. Everything lands in the ``evaluation`` section of
 ``OUT/metrics.json``, each part merging its own keys so that parts written at different times coexist.
 
-This package stays light to import (no torch, no Ray): the training side lives in
+Importing the package is light (no torch, no Ray): the training side lives in
 ``pipeline/stages/evaluate.py``.
 """
 

@@ -62,7 +62,7 @@ def evaluation_sets(
         ORIGINAL: test.drop(columns=[c for c in BOX_COLUMNS if c in test.columns])
     }
     fallback: dict[str, int] = {}
-    test_crops = crops[crops["split"] == "test"]
+    test_crops = crops[crops["image_id"].isin(test["image_id"])]
     for m in crop_methods(test_crops, method):
         for target in TARGETS:
             if m != method and not ((test_crops["method"] == m) & (test_crops["target"] == target)).any():
@@ -159,10 +159,4 @@ def format_evaluation(metrics: dict[str, Any]) -> str:
         f"{name:<{width}}  {_pct(t1)}  {_pct(t5)}  {'' if fb is None else fb:>10}"
         for name, t1, t5, fb in rows
     ]
-    quality = m.get("quality")
-    if isinstance(quality, dict):
-        flat = {k: v for k, v in quality.items() if isinstance(v, int | float | str)}
-        if flat:
-            lines += ["", "Quality: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                                  for k, v in sorted(flat.items()))]  # fmt: skip
     return "\n".join(lines)

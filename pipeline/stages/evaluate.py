@@ -124,8 +124,8 @@ def evaluation_plan(
         # The cleaned dataset: label-driven crops of the method, without the images sent to annotators.
         clean_train = train[~train["image_id"].isin(blacklisted)]
         clean_val = val[~val["image_id"].isin(blacklisted)]
-        crop_train, fb_train = with_boxes(clean_train, crops[crops["split"] == "train"], method, "label")
-        crop_val, fb_val = with_boxes(clean_val, crops[crops["split"] == "val"], method, "label")
+        crop_train, fb_train = with_boxes(clean_train, crops, method, "label")
+        crop_val, fb_val = with_boxes(clean_val, crops, method, "label")
         label_free = set_name(method, "predicted")
         target, target_slices = stacked({label_free: sets[label_free]})
         params = outside_params(cfg, f"{name}-retrained", len(classes))
@@ -168,8 +168,9 @@ class EvaluateStage(Stage):
         if not storage.exists(crops_uri):
             raise FileNotFoundError(f"evaluate: no {crops_uri}; run the crop stage first")
         images = manifests.read_manifest("images", ctx.manifest("images"))
-        crops = manifests.read_manifest("crops", crops_uri, columns=["image_id", "split", "target", "method",
-                                                                     *BOX_COLUMNS])  # fmt: skip
+        crops = manifests.read_manifest(
+            "crops", crops_uri, columns=["image_id", "target", "method", *BOX_COLUMNS]
+        )
         ok = images[(images["status"] == "ok") & images["split"].notna()]
         classes = sorted(ok["label"].dropna().unique())  # as the train stage orders them
         plan = evaluation_plan(cfg, images, crops, read_blacklisted(ctx) if cfg.evaluate.retrain else set(),

@@ -1,0 +1,15 @@
+"""Ray job: ``python -m jobs.evaluate OUT [--set K=V ...]``.
+
+Takes the same arguments as ``cropclean evaluate`` (the paper's Table IV on a run that was ingested,
+trained and cropped: a classifier outside the ensemble on original and cropped test images) and connects
+to the cluster it is submitted to (``RAY_ADDRESS``), or starts a local instance.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pipeline.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["evaluate", *sys.argv[1:]]))
