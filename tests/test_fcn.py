@@ -53,13 +53,3 @@ def test_fcn_at_the_training_size_is_the_classifier(arch, head):
 def test_window_centres_sit_a_stride_apart_from_the_measured_offset():
     g = Geometry(window=224, stride=32, pool=7, offset=96.0)
     assert g.centres(288, 3).tolist() == [96.0, 128.0, 160.0]
-
-
-@pytest.mark.parametrize(("arch", "expected"), [("small_cnn", 23.5), ("resnet18", 96.0), ("vgg16_bn", 111.5)])
-def test_receptive_field_offsets_follow_the_paddings(arch, expected):
-    """small_cnn and VGG pad every layer symmetrically and pool in pairs: cell 0 looks at the middle of
-    its window. ResNet's stride-2 layers pad one pixel on each side of an even input, so its cells look
-    16 pixels up and left of the window's middle (the last row and column are seen only as edges)."""
-    side = SIDE.get(arch, 224 if arch != "small_cnn" else 48)
-    fcn = convolutionalize(build_model(arch, classes=3, input_size=side))
-    assert fcn.geometry.offset == expected

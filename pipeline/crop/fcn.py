@@ -133,14 +133,9 @@ class FCN(nn.Module):
             pool = self.trunk(torch.zeros(1, 3, window, window, dtype=probe.dtype, device=probe.device))
         model.train(was_training)
         side, stride = int(pool.shape[-1]), ARCHS[model.arch].stride
-        key = (model.arch, hash(repr(self.trunk)))
-        if key not in _OFFSETS:  # the same for every trunk of one architecture, whatever its weights
-            try:  # a low input is cheaper; a trunk that cannot take it gets its window's height
-                _OFFSETS[key] = feature_offset(self.trunk, stride, ARCHS[model.arch].min_size)
-            except RuntimeError:
-                _OFFSETS[key] = feature_offset(self.trunk, stride, window)
-        # The pool averages feature cells 0 .. D-1: its window is centred between the first and the last.
-        offset = _OFFSETS[key] + stride * (side - 1) / 2
+        # Cell i is the classifier applied to the window [stride * i, stride * i + W) (with its real
+        # surroundings as context): that window is what a crop of the cell must reproduce.
+        offset = (window - 1) / 2
         self.geometry = Geometry(window=window, stride=stride, pool=side, offset=offset)
         self.pool = nn.AvgPool2d(self.geometry.pool, stride=1)
         self.eval()
