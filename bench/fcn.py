@@ -331,8 +331,8 @@ def bench_member(spec: str, args: argparse.Namespace, device: torch.device) -> R
 
     true_y = s * torch.arange(cells_h) + (window - 1) / 2
     true_x = s * torch.arange(cells_w) + (window - 1) / 2
-    off = max(float((torch.from_numpy(geo.centres(height, cells_h)) - true_y).abs().max()),
-              float((torch.from_numpy(geo.centres(width, cells_w)) - true_x).abs().max()))  # fmt: skip
+    off = max(float((torch.from_numpy(geo.centres(cells_h)) - true_y).abs().max()),
+              float((torch.from_numpy(geo.centres(cells_w)) - true_x).abs().max()))  # fmt: skip
     margin = None if span is None else [-span[0], s * (geo.pool - 1) + span[1] - (window - 1)]
     n = args.images
     return Result(

@@ -120,76 +120,51 @@ def _print_crop(report: Any, cfg: RunConfig) -> None:
     print(f"blacklist: {flagged} -> {cfg.out}/manifests/blacklist.parquet")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _stages_through(last: str) -> list[Any]:
+    """The pipeline's stages, ingest first, up to and including ``last`` (train, crop or evaluate)."""
     from pipeline.ingest import ingest_stages
-    from pipeline.runner import run_stages
-    from pipeline.stages.train import TrainStage
-
-    cfg = _ingested_config(args, "train")
-    if cfg is None:
-        return EXIT_USAGE
-    report = run_stages(cfg, [*ingest_stages(), TrainStage()])
-    _print_training(report, cfg)
-    return EXIT_OK
-
-
-def cmd_crop(args: argparse.Namespace) -> int:
-    from pipeline.ingest import ingest_stages
-    from pipeline.runner import run_stages
-    from pipeline.stages.crop import CropStage
-    from pipeline.stages.train import TrainStage
-
-    cfg = _ingested_config(args, "crop")
-    if cfg is None:
-        return EXIT_USAGE
-    report = run_stages(cfg, [*ingest_stages(), TrainStage(), CropStage()])
-    _print_crop(report, cfg)
-    return EXIT_OK
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.evaluation.classify import format_evaluation
-    from pipeline.ingest import ingest_stages
-    from pipeline.runner import run_stages
     from pipeline.stages.crop import CropStage
     from pipeline.stages.evaluate import EvaluateStage
     from pipeline.stages.train import TrainStage
 
-    cfg = _ingested_config(args, "evaluate")
+    later = [TrainStage(), CropStage(), EvaluateStage()]
+    names = [stage.name for stage in later]
+    return [*ingest_stages(), *later[: names.index(last) + 1]]
+
+
+def _run_after_ingest(args: argparse.Namespace, last: str) -> int:
+    """``cropclean train|crop|evaluate OUT``: run the stages up to ``last`` on an ingested run."""
+    from pipeline.evaluation.classify import format_evaluation, read_evaluation_metrics
+    from pipeline.runner import run_stages
+
+    cfg = _ingested_config(args, last)
     if cfg is None:
         return EXIT_USAGE
-    run_stages(cfg, [*ingest_stages(), TrainStage(), CropStage(), EvaluateStage()])
-    print(format_evaluation(_metrics(cfg).get("evaluation", {})))
+    report = run_stages(cfg, _stages_through(last))
+    if last == "train":
+        _print_training(report, cfg)
+    elif last == "crop":
+        _print_crop(report, cfg)
+    else:
+        print(format_evaluation(read_evaluation_metrics(cfg.out)))
     return EXIT_OK
-
-
-def _metrics(cfg: RunConfig) -> dict[str, Any]:
-    import json
-
-    from pipeline import storage
-
-    uri = storage.join(cfg.out, "metrics.json")
-    return json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
     """Everything: ingest, train, crop and blacklist, evaluate."""
-    from pipeline.evaluation.classify import format_evaluation
-    from pipeline.ingest import ingest_stages, run_ingest
+    from pipeline.evaluation.classify import format_evaluation, read_evaluation_metrics
+    from pipeline.ingest import run_ingest
     from pipeline.runner import run_stages
-    from pipeline.stages.crop import CropStage
-    from pipeline.stages.evaluate import EvaluateStage
-    from pipeline.stages.train import TrainStage
     from pipeline.summary import format_ingest_summary
 
     source = {"uri": args.source, **({"kind": args.kind} if args.kind else {})}
     cfg = _config_from_args(args, {"sources": [source]})
     report, summary = run_ingest(cfg)
     print(format_ingest_summary(summary, cfg.out))
-    report = run_stages(cfg, [*ingest_stages(), TrainStage(), CropStage(), EvaluateStage()])
+    report = run_stages(cfg, _stages_through("evaluate"))
     _print_training(report, cfg)
     _print_crop(report, cfg)
-    print(format_evaluation(_metrics(cfg).get("evaluation", {})))
+    print(format_evaluation(read_evaluation_metrics(cfg.out)))
     return EXIT_OK
 
 
@@ -245,19 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune the ensemble on an ingested run (reads OUT's manifests)")
     p.add_argument("out", help="output URI of an ingested run")
     _add_config_args(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=lambda a: _run_after_ingest(a, "train"))
 
     p = sub.add_parser("crop", help="crop an ingested, trained run and write its blacklist (reads OUT)")
     p.add_argument("out", help="output URI of an ingested run (trains first if needed)")
     _add_config_args(p)
-    p.set_defaults(func=cmd_crop)
+    p.set_defaults(func=lambda a: _run_after_ingest(a, "crop"))
 
     p = sub.add_parser(
         "evaluate", help="the paper's evaluation (Table IV) and quality numbers of a cropped run"
     )
     p.add_argument("out", help="output URI of an ingested run (trains and crops first if needed)")
     _add_config_args(p)
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=lambda a: _run_after_ingest(a, "evaluate"))
 
     p = sub.add_parser("clean", help="everything: ingest, train, crop and blacklist, evaluate")
     p.add_argument("source", help="Food-101 root, ImageFolder root or URL list (any fsspec URI)")

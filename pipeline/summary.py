@@ -35,10 +35,16 @@ def ingest_summary(out: str) -> dict[str, Any]:
     }
 
 
+def read_metrics(out: str) -> dict[str, Any]:
+    """OUT/metrics.json, or nothing yet."""
+    uri = storage.join(out, "metrics.json")
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
+
+
 def update_metrics(out: str, section: str, values: dict[str, Any]) -> None:
     """Merge one section into OUT/metrics.json (written atomically)."""
     uri = storage.join(out, "metrics.json")
-    metrics = json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
+    metrics = read_metrics(out)
     metrics[section] = values
     storage.write_text_atomic(uri, json.dumps(metrics, indent=2, sort_keys=True, default=str))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.crop.fcn import Geometry, convolutionalize
+from pipeline.crop.fcn import Geometry, convolutionalize, feature_centres
 from pipeline.models.zoo import ARCHS, build_model
 
 # A training side per architecture, small enough for a quick float64 pass on CPU.
@@ -50,6 +50,14 @@ def test_fcn_at_the_training_size_is_the_classifier(arch, head):
     assert torch.allclose(big.sum(dim=1), torch.ones(1, 3, 3, dtype=torch.float64))
 
 
-def test_window_centres_sit_a_stride_apart_from_the_measured_offset():
-    g = Geometry(window=224, stride=32, pool=7, offset=96.0)
-    assert g.centres(288, 3).tolist() == [96.0, 128.0, 160.0]
+def test_window_centres_sit_a_stride_apart_from_the_first_window():
+    g = Geometry(window=224, stride=32, pool=7)
+    assert g.centres(3).tolist() == [111.5, 143.5, 175.5]
+
+
+@pytest.mark.parametrize(("arch", "expected"), [("small_cnn", 3.5), ("resnet18", 0.0), ("vgg16_bn", 15.5)])
+def test_feature_cells_are_centred_where_the_paddings_put_them(arch, expected):
+    """Saliency maps live on the trunk's feature cells. small_cnn and VGG pool in pairs (cell 0 centred
+    on its 8 or 32 pixels); ResNet's padded stride-2 layers centre cell j on pixel 32 j."""
+    model = build_model(arch, classes=3, input_size=SIDE.get(arch, 64))
+    assert feature_centres(model, 3).tolist() == [expected + ARCHS[arch].stride * i for i in range(3)]

@@ -29,21 +29,20 @@ class Geometry:
     window: int  # W: the side of the window one cell sees (the member's training input side)
     stride: int  # pixels between neighbouring cells
     pool: int  # D: the trunk's feature-map side at input W, the pooling kernel
-    offset: float  # centre of cell 0's receptive field, input pixels (pixel centres at integers)
 
-    def centres(self, length: int, cells: int) -> np.ndarray:
-        """Window centres along one axis (``length`` is accepted for symmetry with the image size).
+    def centres(self, cells: int) -> np.ndarray:
+        """Window centres along one axis, input pixels (pixel centres at integers).
 
-        Cell i looks at the receptive field centred on ``offset + stride * i``, whatever the input's
-        length: convolutions and pools map output index to input position independently of it, and what
-        does not fill a last stride is dropped at the bottom and right. Aligning members by these centres
-        (not by cell index, nor by assuming the grid is centred) is what makes grids of different
-        windows and paddings comparable.
+        Cell i is the classifier applied to the W-pixel window that starts at ``stride * i`` (with its
+        real surroundings as context), whatever the input's length: convolutions and pools map output
+        index to input position independently of it, and what does not fill a last stride is dropped at
+        the bottom and right. Aligning members by these centres, not by cell index, is what makes grids
+        of different windows comparable.
         """
-        return self.offset + self.stride * np.arange(cells, dtype=np.float64)
+        return (self.window - 1) / 2 + self.stride * np.arange(cells, dtype=np.float64)
 
 
-_OFFSETS: dict[tuple[str, int], float] = {}
+_FEATURE_OFFSETS: dict[tuple[str, int], float] = {}
 
 
 def _positive_copy(trunk: nn.Module) -> nn.Module:
@@ -91,6 +90,19 @@ def feature_offset(trunk: nn.Module, stride: int, height: int) -> float:
         length *= 2
 
 
+def feature_centres(model: Classifier, cells: int) -> np.ndarray:
+    """Receptive-field centres of the trunk's feature cells along one axis, input pixels: where a
+    saliency map's cell (Grad-CAM, SIMILARnet) was computed from. Measured once per trunk structure."""
+    key = (model.arch, hash(repr(model.trunk)))
+    if key not in _FEATURE_OFFSETS:
+        stride = ARCHS[model.arch].stride
+        try:  # a low input is cheaper; a trunk that cannot take it gets its training side
+            _FEATURE_OFFSETS[key] = feature_offset(model.trunk, stride, ARCHS[model.arch].min_size)
+        except RuntimeError:
+            _FEATURE_OFFSETS[key] = feature_offset(model.trunk, stride, model.input_size)
+    return _FEATURE_OFFSETS[key] + ARCHS[model.arch].stride * np.arange(cells, dtype=np.float64)
+
+
 def _convolutional(layer: nn.Module) -> nn.Module:
     """A head layer's per-location twin, with the same parameters and statistics (and dtype)."""
     like = next(iter(layer.state_dict().values()), None)
@@ -132,11 +144,7 @@ class FCN(nn.Module):
             probe = next(model.parameters())
             pool = self.trunk(torch.zeros(1, 3, window, window, dtype=probe.dtype, device=probe.device))
         model.train(was_training)
-        side, stride = int(pool.shape[-1]), ARCHS[model.arch].stride
-        # Cell i is the classifier applied to the window [stride * i, stride * i + W) (with its real
-        # surroundings as context): that window is what a crop of the cell must reproduce.
-        offset = (window - 1) / 2
-        self.geometry = Geometry(window=window, stride=stride, pool=side, offset=offset)
+        self.geometry = Geometry(window=window, stride=ARCHS[model.arch].stride, pool=int(pool.shape[-1]))
         self.pool = nn.AvgPool2d(self.geometry.pool, stride=1)
         self.eval()
 

@@ -18,7 +18,7 @@ import torch
 
 from pipeline import storage
 from pipeline.crop import select
-from pipeline.crop.fcn import FCN, convolutionalize
+from pipeline.crop.fcn import FCN, convolutionalize, feature_centres
 from pipeline.crop.pyramid import Scale, ScaleMaps, ensemble_maps, pyramid
 from pipeline.models.zoo import Classifier, build_model
 
@@ -105,7 +105,11 @@ class Saliency:
             else:
                 assert self.weights is not None
                 maps = saliency.similarnet_map(model, self.weights[n], x, classes)
-            total += saliency.to_image_plane(maps, height, width).float().cpu().numpy()
+            # Feature cell centres in the resized input, then in this image's pixels.
+            fy, fx = size[0] / height, size[1] / width
+            ys = feature_centres(model, maps.shape[-2]) / fy + (1 / fy - 1) / 2
+            xs = feature_centres(model, maps.shape[-1]) / fx + (1 / fx - 1) / 2
+            total += saliency.to_image_plane(maps, height, width, centres=(ys, xs)).float().cpu().numpy()
         return total / len(self.members)
 
 

@@ -84,8 +84,8 @@ def member_maps(fcn: FCN, images: torch.Tensor, side: float) -> tuple[np.ndarray
     resized, fy, fx = _resized(images, g.window / side)
     probs = fcn.heatmap(resized).float()
     h, w = probs.shape[-2:]
-    cx = g.centres(resized.shape[-1], w) / fx + (1 / fx - 1) / 2  # pixel centres: (i + 0.5) / f - 0.5
-    cy = g.centres(resized.shape[-2], h) / fy + (1 / fy - 1) / 2
+    cx = g.centres(w) / fx + (1 / fx - 1) / 2  # pixel centres: (i + 0.5) / f - 0.5
+    cy = g.centres(h) / fy + (1 / fy - 1) / 2
     return probs.cpu().numpy(), cx, cy
 
 

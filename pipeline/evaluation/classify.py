@@ -11,14 +11,12 @@ training is in ``pipeline/stages/evaluate.py``.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pipeline import storage
-from pipeline.summary import update_metrics
+from pipeline.summary import read_metrics, update_metrics
 
 SECTION = "evaluation"
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")  # crops.parquet's box (the columns the image decoder crops to)
@@ -109,10 +107,7 @@ def table_metrics(
 
 def read_evaluation_metrics(out: str) -> dict[str, Any]:
     """The ``evaluation`` section of OUT/metrics.json (empty when there is none yet)."""
-    uri = storage.join(out, "metrics.json")
-    if not storage.exists(uri):
-        return {}
-    return dict(json.loads(storage.read_text(uri)).get(SECTION) or {})
+    return dict(read_metrics(out).get(SECTION) or {})
 
 
 def merge_evaluation_metrics(out: str, values: dict[str, Any]) -> dict[str, Any]:
