@@ -179,7 +179,7 @@ def test_table_iv_on_oracle_crops(oracle_run):
     assert ev["models"]["outside"]["val_images"] == n_val
     print(format_evaluation(ev), f"\n{seconds:.1f} s")
     # small_cnn at 64 px, two runs: 0.357 / 0.554 / 0.982 and 0.50 original / 0.964 retrained.
-    # resnet18 at 48 px, measured on 2 cores (56 test images, 5 classes, chance 0.2; training is not bit-reproducible across
+    # resnet18 at 48 px (56 test images, 5 classes, chance 0.2; training is not bit-reproducible across
     # runs, so each run differs): top-1 original / oracle label-driven crops / retrained on oracle crops
     # was 0.16 / 0.34 / 0.96, 0.23 / 0.46 / 0.96 and 0.32 / 0.54 / 1.0 with PAD 0.05; with PAD 0.1:
     # 0.29 / 0.61 / 1.0, 0.36 / 0.54 / 1.0 and (train.seed=1) 0.36 / 0.50 / 1.0; with PAD 0: 0.25 / 0.57 /
