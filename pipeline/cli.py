@@ -120,6 +120,17 @@ def _print_crop(report: Any, cfg: RunConfig) -> None:
     print(f"blacklist: {flagged} -> {cfg.out}/manifests/blacklist.parquet")
 
 
+def _print_evaluation(cfg: RunConfig) -> None:
+    from pipeline.evaluation.classify import format_evaluation, read_evaluation_metrics
+    from pipeline.evaluation.quality import format_quality
+
+    metrics = read_evaluation_metrics(cfg.out)
+    print(format_evaluation(metrics))
+    quality = format_quality(metrics.get("quality") or {})
+    if quality:
+        print(quality)
+
+
 def _stages_through(last: str) -> list[Any]:
     """The pipeline's stages, ingest first, up to and including ``last`` (train, crop or evaluate)."""
     from pipeline.ingest import ingest_stages
@@ -134,7 +145,6 @@ def _stages_through(last: str) -> list[Any]:
 
 def _run_after_ingest(args: argparse.Namespace, last: str) -> int:
     """``cropclean train|crop|evaluate OUT``: run the stages up to ``last`` on an ingested run."""
-    from pipeline.evaluation.classify import format_evaluation, read_evaluation_metrics
     from pipeline.runner import run_stages
 
     cfg = _ingested_config(args, last)
@@ -146,13 +156,12 @@ def _run_after_ingest(args: argparse.Namespace, last: str) -> int:
     elif last == "crop":
         _print_crop(report, cfg)
     else:
-        print(format_evaluation(read_evaluation_metrics(cfg.out)))
+        _print_evaluation(cfg)
     return EXIT_OK
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
     """Everything: ingest, train, crop and blacklist, evaluate."""
-    from pipeline.evaluation.classify import format_evaluation, read_evaluation_metrics
     from pipeline.ingest import run_ingest
     from pipeline.runner import run_stages
     from pipeline.summary import format_ingest_summary
@@ -164,7 +173,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     report = run_stages(cfg, _stages_through("evaluate"))
     _print_training(report, cfg)
     _print_crop(report, cfg)
-    print(format_evaluation(read_evaluation_metrics(cfg.out)))
+    _print_evaluation(cfg)
     return EXIT_OK
 
 

@@ -262,8 +262,9 @@ class CropConfig(_Section):
     )
     mode: Literal["cell", "region"] = Field(
         "cell",
-        description="cell: the best window of the pyramid (the paper's crop); region: the box around the "
-        "connected cells that find the class at that scale (the object as a whole, not a detail).",
+        description="cell: the best window of the pyramid (the paper's crop); region: that window grown to "
+        "the centres of the connected cells that find the class as well (the object as a whole, not a "
+        "detail).",
     )
     scale_factor: float = Field(1.2, gt=1, description="Pyramid step: each window is this much smaller.")
     max_scale: float = Field(

@@ -54,6 +54,9 @@ def configure_ray_data() -> None:
     ctx.verbose_stats_logs = False
     if not os.isatty(2):  # Ray Data logs its progress at INFO level where there is no terminal
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # Bars redrawn into a log file are megabytes of noise (the context travels with each dataset,
+        # so Ray Train's workers draw none either).
+        ctx.enable_progress_bars = False
 
 
 @dataclass

@@ -498,3 +498,44 @@ def quality_metrics(ctx: RunContext) -> dict[str, Any]:
     if cfg.blacklist.verified and blacklist is not None:
         out["verified"] = verified_quality(blacklist, images, cfg.blacklist.verified)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. Summary for people
+
+
+def _f(x: Any, pct: bool = False) -> str:
+    if x is None:
+        return "   -"
+    return f"{100 * x:5.1f}%" if pct else f"{x:.3f}"
+
+
+def format_quality(quality: Mapping[str, Any]) -> str:
+    """The headline quality numbers from :func:`quality_metrics`' result, as lines of text: each
+    localizer's crops (share holding >= 0.8 of the object, mean area), the blacklist against cleanlab
+    on the train split. Empty when there is no ground truth."""
+    lines: list[str] = []
+    crops = quality.get("crops") or {}
+    if crops:
+        lines.append("crops vs ground truth     target       holds >=0.8  mean area   IoU")
+        for method, targets in sorted(crops.items()):
+            for target, words in (("label", "label-driven"), ("predicted", "label-free")):
+                for mode, s in sorted(targets.get(target, {}).items()):
+                    held, area = _f(s["share_containment_ge_80"], True), _f(s["mean_area_fraction"])
+                    name = f"{method} {mode}"
+                    lines.append(f"  {name:<23} {words:<12} {held:>11}  {area:>9}  {_f(s['mean_iou'])}")
+    bl = (quality.get("blacklist") or {}).get("train")
+    if bl:
+        lines.append(f"blacklist vs ground truth (train: {bl['mislabeled']} mislabelled of {bl['images']})"
+                     f"   flagged  precision  recall     F1")  # fmt: skip
+        rows = [("label not found", bl[LABEL_NOT_FOUND]), ("all reasons", bl["all_reasons"])]
+        if quality.get("cleanlab"):
+            cl = quality["cleanlab"]
+            rows.append((f"cleanlab find_label_issues ({cl.get('predictions', '?')})", cl))
+        for name, s in rows:
+            lines.append(f"  {name:<46} {s['flagged']:>7}  {_f(s['precision']):>9}  {_f(s['recall']):>6}"
+                         f"  {_f(s['f1'])}")  # fmt: skip
+        right = _f(bl[LABEL_NOT_FOUND]["suggested_accuracy"], True).strip()
+        lines.append(f"  suggested label right for {right} of found errors; "
+                     f"ranking score average precision {_f(bl['average_precision'])}")  # fmt: skip
+    return "\n".join(lines)

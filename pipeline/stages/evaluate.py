@@ -11,13 +11,11 @@ scored on the label-free crops of test. The test split never chooses anything.
 
 Models go to ``OUT/models/_evaluate/<name>/`` and ``<name>-retrained/``, apart from the ensemble's, and
 are marked finished with this stage's key. Numbers go to the ``evaluation`` section of metrics.json,
-beside the blacklist quality numbers of ``pipeline.evaluation.quality`` when that module is there.
+beside the quality numbers against ground truth (``pipeline.evaluation.quality``) when the source has it.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from pipeline.evaluation.classify import (
     table_metrics,
     with_boxes,
 )
+from pipeline.evaluation.quality import quality_metrics
 from pipeline.models.data import training_rows
 from pipeline.models.train_loop import TrainParams
 from pipeline.models.zoo import ARCHS
@@ -49,7 +48,6 @@ log = logging.getLogger("cropclean")
 
 STAGE = "evaluate"
 EVALUATE_DIR = "_evaluate"  # under OUT/models/: a name no ensemble member's folder can take by accident
-QUALITY_MODULE = "pipeline.evaluation.quality"
 
 
 @dataclass
@@ -149,13 +147,6 @@ def read_blacklisted(ctx: RunContext) -> set[str]:
     return set(manifests.read_manifest("blacklist", uri, columns=["image_id"])["image_id"])
 
 
-def quality_metrics(ctx: RunContext) -> dict[str, Any] | None:
-    """The blacklist's quality numbers, when the module that computes them is installed."""
-    if importlib.util.find_spec(QUALITY_MODULE) is None:
-        return None
-    return importlib.import_module(QUALITY_MODULE).quality_metrics(ctx)
-
-
 class EvaluateStage(Stage):
     name = STAGE
     resources = Resources(cpus=1)
@@ -209,7 +200,7 @@ class EvaluateStage(Stage):
             },
         }
         quality = quality_metrics(ctx)
-        if quality is not None:
+        if quality:
             values["quality"] = quality
         merge_evaluation_metrics(cfg.out, values)
         keys = [
