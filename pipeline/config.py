@@ -283,7 +283,9 @@ class CropConfig(_Section):
         description="Other localizers also run, for evaluation (rows with their method in crops.parquet).",
     )
     batch_size: int = Field(16, ge=1, description="Images per batch of an actor (grouped by size).")
-    actors: int | None = Field(None, ge=1, description="Actors in the pool; default: one per GPU, else one.")
+    actors: int | None = Field(
+        None, ge=1, description="Actors in the pool; default: as many as the cluster's GPUs (else CPUs) hold."
+    )
     cpus_per_actor: float = Field(
         1.0, gt=0, description="CPUs each actor reserves; torch uses as many threads."
     )

@@ -21,8 +21,8 @@ from pipeline.runner import run_stages
 from pipeline.stages.train import TrainStage, concurrency
 from tests.conftest import ingest_config
 
-TINY = ["train.members=[{arch: resnet18, input_size: 32}]", "train.batch_size=16", "train.head_epochs=1",
-        "train.finetune_epochs=2", "train.patience=5"]  # fmt: skip
+TINY = ["train.members=[{arch: resnet18, input_size: 32}]", "train.folds=0", "train.batch_size=16",
+        "train.head_epochs=1", "train.finetune_epochs=2", "train.patience=5"]  # fmt: skip
 
 
 def snapshot(params) -> list[torch.Tensor]:
@@ -170,33 +170,3 @@ def test_members_train_at_once_when_the_cluster_has_room_and_one_by_one_when_not
     pairs = ingest_config("data", "out", "train.num_workers=2")
     assert concurrency(pairs, 3, {"CPU": 16, "GPU": 4}, gpu=True) == 2  # two 2-GPU trainings
     assert concurrency(ingest_config("data", "out", "train.concurrent_members=3"), 4, {"CPU": 2}, False) == 3
-
-
-def test_cpu_small_members_train_at_once_and_classify_the_demo_data_well_above_chance(ray_local, tmp_path):
-    """The demo's data and preset: 8 classes (chance 0.125), two small_cnn members from random init."""
-    from pipeline.synth import synthesize
-
-    data, out = tmp_path / "data", tmp_path / "run"
-    synthesize(str(data), classes=8, per_class=60, clutter=0.25)
-    run_stages(ingest_config(data, out), [*ingest_stages(), TrainStage()])
-
-    members = json.loads((out / "metrics.json").read_text())["training"]["members"]
-    assert set(members) == {"small_cnn_48", "small_cnn_64"}
-    a, b = members.values()
-    assert a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]  # they overlapped
-
-    images = manifests.read_manifest("images", str(out / "manifests" / "images.parquet"))
-    preds = manifests.read_manifest("predictions", str(out / "manifests" / "predictions.parquet"))
-    test = preds.merge(images.loc[images["split"] == "test", ["image_id", "label"]], on="image_id")
-    assert len(test) == 2 * int((images["split"] == "test").sum()) > 200
-    assert test["topk_labels"].map(len).eq(8).all()  # few classes: the full probability vector
-    top1 = test.assign(hit=test["predicted"] == test["label"]).groupby("member")["hit"].mean()
-    scores = test.explode(["topk_labels", "topk_probs"]).astype({"topk_probs": float})
-    summed = scores.groupby(["image_id", "topk_labels"])["topk_probs"].sum().reset_index()
-    best = summed.loc[summed.groupby("image_id")["topk_probs"].idxmax()]
-    ensemble = best.merge(test[["image_id", "label"]].drop_duplicates(), on="image_id")
-    ensemble_top1 = float((ensemble["topk_labels"] == ensemble["label"]).mean())
-    # Measured over four runs on 138 test images: members 0.42 to 0.58, the ensemble 0.49 to 0.55.
-    assert (top1 >= 0.3).all(), top1.to_dict()
-    assert ensemble_top1 >= 0.35, ensemble_top1
-    assert all(m["val_top1"] >= 0.25 for m in members.values()), members
