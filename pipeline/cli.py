@@ -118,6 +118,13 @@ def _print_crop(report: Any, cfg: RunConfig) -> None:
     print(f"crops: {stats['exported']} images cropped under {cfg.out}/cropped/ "
           f"(mean side {stats['mean_side']} px); {stats['too_small']} too small for the pyramid")  # fmt: skip
     print(f"blacklist: {flagged} -> {cfg.out}/manifests/blacklist.parquet")
+    if "export" in report.results:
+        from pipeline.annotate import export
+
+        folder = f"{cfg.out}/export"
+        print(f"for annotators: {folder}/{export.BLACKLIST_TASKS} (Label Studio, with {export.CONFIG}), "
+              f"{folder}/{export.BLACKLIST_CSV}; answers back with: cropclean verdicts import FILE "
+              f"--out {cfg.out}")  # fmt: skip
 
 
 def _print_evaluation(cfg: RunConfig) -> None:
@@ -136,11 +143,14 @@ def _stages_through(last: str) -> list[Any]:
     from pipeline.ingest import ingest_stages
     from pipeline.stages.crop import CropStage
     from pipeline.stages.evaluate import EvaluateStage
+    from pipeline.stages.export import ExportStage
     from pipeline.stages.train import TrainStage
 
     later = [TrainStage(), CropStage(), EvaluateStage()]
     names = [stage.name for stage in later]
-    return [*ingest_stages(), *later[: names.index(last) + 1]]
+    chosen = [*ingest_stages(), *later[: names.index(last) + 1]]
+    # The annotator files follow the blacklist; last, so that no other stage's key depends on them.
+    return [*chosen, ExportStage()] if last != "train" else chosen
 
 
 def _run_after_ingest(args: argparse.Namespace, last: str) -> int:
@@ -174,6 +184,84 @@ def cmd_clean(args: argparse.Namespace) -> int:
     _print_training(report, cfg)
     _print_crop(report, cfg)
     _print_evaluation(cfg)
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the annotator files of a cropped run again (e.g. with other image URLs)."""
+    import json
+
+    from pipeline import storage
+    from pipeline.annotate.export import write_blacklist_export
+
+    needed = [
+        storage.join(args.out, "manifests", "blacklist.parquet"),
+        storage.join(args.out, "models", "classes.json"),
+    ]
+    missing = [u for u in needed if not storage.exists(u)]
+    if missing:
+        print(f"cropclean export: {args.out} has no {', '.join(missing)}; run cropclean crop first",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    classes = json.loads(storage.read_text(needed[1]))
+    written = write_blacklist_export(args.out, classes, args.image_prefix)
+    print(f"{written['rows']} blacklisted images for annotators:")
+    for uri in written["files"].values():
+        print(f"  {uri}")
+    return EXIT_OK
+
+
+def cmd_verdicts_import(args: argparse.Namespace) -> int:
+    from pipeline.annotate.verdicts import VerdictError, import_verdicts, overrides_uri
+
+    try:
+        done = import_verdicts(args.file, args.out, replace=args.replace)
+    except VerdictError as exc:
+        print(f"cropclean verdicts import: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    counts = done.overrides["verdict"].value_counts().to_dict()
+    summary = ", ".join(f"{counts.get(v, 0)} {v}" for v in ("keep", "relabel", "drop"))
+    print(f"imported {done.added} verdicts from {args.file}"
+          + (f" ({done.unanswered} rows without a verdict left out)" if done.unanswered else ""))  # fmt: skip
+    print(f"{overrides_uri(args.out)}: {summary}")
+    print(f"the next run on {args.out} applies them (cropclean clean ... --out {args.out}, or cropclean crop "
+          f"{args.out})")  # fmt: skip
+    return EXIT_OK
+
+
+def _threshold(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Pre-labelling: ingest unlabelled images into OUT2 and label them with the ensemble of run --models."""
+    from pipeline import storage
+    from pipeline.runner import run_stages
+    from pipeline.stages.dedupe import DedupeStage
+    from pipeline.stages.normalize import NormalizeStage
+    from pipeline.stages.predict import PRELABEL_CSV, PRELABEL_TASKS, PredictStage
+    from pipeline.stages.sources import SourcesStage
+
+    trained = storage.join(args.models, "models", "classes.json")
+    if not storage.exists(storage.join(args.models, "run.yaml")) or not storage.exists(trained):
+        print(f"cropclean predict: {args.models} holds no trained run (no run.yaml or models/classes.json); "
+              "run cropclean train there first", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    doc = load_config_file(storage.join(args.models, "run.yaml"))
+    doc["sources"] = [{"uri": args.source, **({"kind": args.kind} if args.kind else {})}]
+    cfg = _config_from_args(args, doc)
+    stage = PredictStage(args.models, args.threshold, args.image_prefix)
+    report = run_stages(cfg, [SourcesStage(), NormalizeStage(), DedupeStage(), stage])
+    stats = report.results["predict"].stats
+    print(
+        f"prelabels: {stats['images']} images, {stats['unsure']} unsure (confidence below "
+        f"{stats['threshold']:g} or members disagree) -> {cfg.out}/manifests/prelabels.parquet"
+    )
+    print(f"for annotators: {cfg.out}/export/{PRELABEL_TASKS} (Label Studio, predictions pre-filled), "
+          f"{cfg.out}/export/{PRELABEL_CSV}")  # fmt: skip
     return EXIT_OK
 
 
@@ -251,6 +339,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_clean)
+
+    from pipeline.annotate.export import DEFAULT_IMAGE_PREFIX
+
+    prefix_help = (f"what goes before an image's path (relative to the run folder) in Label Studio tasks; "
+                   f"default {DEFAULT_IMAGE_PREFIX!r} (Label Studio local files with the run folder as "
+                   f"document root); e.g. http://host:8000/ for a served run folder")  # fmt: skip
+    p = sub.add_parser("export", help="write a cropped run's annotator files again (OUT/export/)")
+    p.add_argument("out", help="output URI of a cropped run")
+    p.add_argument("--image-prefix", default=DEFAULT_IMAGE_PREFIX, help=prefix_help)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("verdicts", help="annotators' verdicts on the blacklist")
+    verbs = p.add_subparsers(dest="verdicts_command", required=True)
+    v = verbs.add_parser("import", help="read a verdict CSV or Label Studio JSON export into OUT's overrides")
+    v.add_argument("file", help="CSV (image_id, verdict keep|relabel|drop, new_label) or Label Studio export")
+    v.add_argument("--out", required=True, help="output URI of the run the verdicts are about")
+    v.add_argument("--replace", action="store_true", help="forget the run's earlier verdicts")
+    v.set_defaults(func=cmd_verdicts_import)
+
+    p = sub.add_parser("predict", help="pre-label unlabelled images with a trained run's ensemble")
+    p.add_argument("source", help="a folder of images (no class folders) or a URL list without labels")
+    p.add_argument("--models", required=True, help="output URI of a trained run (its models/ are used)")
+    p.add_argument("--out", required=True, help="output URI for this run")
+    p.add_argument("--threshold", type=_threshold, default=0.99,
+                   help="confidence below this marks a prediction unsure (default 0.99)")  # fmt: skip
+    p.add_argument("--kind", choices=["imagefolder", "urllist"], help="source kind (default: detect)")
+    p.add_argument("--image-prefix", default=DEFAULT_IMAGE_PREFIX, help=prefix_help)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("run", help="run the pipeline described by a config file")
     p.add_argument("config")

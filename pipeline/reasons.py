@@ -42,6 +42,8 @@ class Reason(StrEnum):
     CLASS_CAP = "class_cap"
     CLASS_TOO_SMALL = "class_too_small"
     UNLABELED = "unlabeled"
+    # annotators' verdicts (OUT/manifests/overrides.parquet)
+    ANNOTATOR_DROP = "annotator_drop"  # an annotator's verdict took the image out of the dataset
     # crop and blacklist
     TOO_SMALL_FOR_SCALES = "too_small_for_scales"  # the short side needs more zoom than crop.max_scale
     LABEL_NOT_FOUND = "label_not_found"  # no member finds the label at any scale

@@ -1,4 +1,5 @@
-"""ImageFolder layout: ``<class>/<file>``, optionally under ``train/``, ``val/`` and ``test/``."""
+"""ImageFolder layout: ``<class>/<file>``, optionally under ``train/``, ``val/`` and ``test/``; a folder of
+files without class folders gives unlabelled candidates."""
 
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ def read(root: str, name: str) -> Iterator[Candidate]:
     top = {posixpath.basename(d): d for d in _dirs(fs, base)}
     split_dirs = [(s, top[s]) for s in SPLIT_DIRS if s in top]
     layout = split_dirs if split_dirs else [(None, base)]
+    if not top:  # no class folders: a flat folder of unlabelled images (for cropclean predict)
+        for path in sorted(fs.find(base, maxdepth=1)):
+            if _is_candidate(path):
+                rel = posixpath.relpath(path, base)
+                yield Candidate(name, display_key(rel), encode_locator(storage.join(root, rel)), None, None)
+        return
     for split, split_path in layout:
         for class_dir in _dirs(fs, split_path):
             label = posixpath.basename(class_dir)

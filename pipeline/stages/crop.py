@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from pipeline import manifests, storage
+from pipeline.annotate import verdicts
 from pipeline.config import RunConfig
 from pipeline.crop import judge, select
 from pipeline.crop.localize import FCNEnsemble, Located, Saliency, load_classifier, whole_image_probs
@@ -147,7 +148,8 @@ class CropWorker:
             return base | {"reason": Reason.TOO_SMALL_FOR_SCALES, "flagged": bool(row["cross_label"])}
         j = judge.judge(located.findings, int(row["label_idx"]))
         names = self.s.classes
-        flagged = j.flagged(self.s.max_votes, self.s.min_score)
+        # A person has checked a kept or relabelled image: it is not sent back to annotators.
+        flagged = j.flagged(self.s.max_votes, self.s.min_score) and not bool(row["verified"])
         return base | {
             "votes": j.votes, "label_score": j.label_score, "suggested_label": names[j.suggested],
             "suggested_votes": j.suggested_votes, "suggested_score": j.suggested_score,
@@ -268,13 +270,20 @@ class CropStage(Stage):
     resources = Resources(cpus=1)
     config_sections: ClassVar[tuple[str, ...]] = ("crop", "blacklist")
 
+    def config_key(self, cfg: RunConfig) -> str:
+        key = super().config_key(cfg)
+        checked = verdicts.digest(verdicts.read_overrides(cfg.out), ("keep", "relabel"))
+        return key if checked is None else f"{key}+verified={checked}"
+
     def run(self, ctx: RunContext) -> dict[str, Any]:
         cfg, start = ctx.cfg, time.perf_counter()
         classes = json.loads(storage.read_text(ctx.uri("models", "classes.json")))
         images = manifests.read_manifest("images", ctx.manifest("images"))
         rows = training_rows(images, classes)
-        crossed = cross_label_ids(ctx)
-        rows = rows.assign(cross_label=rows["image_id"].isin(crossed))
+        verified = verdicts.verified_ids(cfg.out)
+        crossed = cross_label_ids(ctx) - verified
+        ids = rows["image_id"]
+        rows = rows.assign(cross_label=ids.isin(crossed), verified=ids.isin(verified))
         folds = cfg.train.folds
         fold = pd.Series(np.nan, index=rows.index)
         if folds:
@@ -323,7 +332,7 @@ class CropStage(Stage):
 
         gpu = use_gpu(cfg)
         actors = cfg.crop.actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1)
-        columns = ["image_id", "split", "label", "label_idx", "path", "fold", "cross_label"]
+        columns = ["image_id", "split", "label", "label_idx", "path", "fold", "cross_label", "verified"]
         # Rows sorted by size so that batches hold images of one pyramid.
         frame = todo[columns].assign(_size=todo["width"] * 100_000 + todo["height"]).sort_values("_size")
         ds = ray.data.from_pandas(frame.drop(columns="_size").reset_index(drop=True))

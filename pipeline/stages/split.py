@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline import manifests
+from pipeline.annotate.verdicts import apply_overrides, digest, read_overrides
+from pipeline.config import RunConfig
 from pipeline.reasons import Reason, Status
 from pipeline.stages.base import RunContext, Stage
 from pipeline.stages.dedupe import images_uri as deduped_images_uri
@@ -44,6 +46,13 @@ def _assign_by_fraction(idx: pd.Index, rank: pd.Series, fractions: list[tuple[st
 class SplitStage(Stage):
     name = "split"
     config_sections: ClassVar[tuple[str, ...]] = ("split", "balance")
+    # Annotators' verdicts that change the dataset; keeps change only the blacklist (the crop stage's).
+    verdicts: ClassVar[tuple[str, ...]] = ("drop", "relabel")
+
+    def config_key(self, cfg: RunConfig) -> str:
+        key = super().config_key(cfg)
+        applied = digest(read_overrides(cfg.out), self.verdicts)
+        return key if applied is None else f"{key}+verdicts={applied}"
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         cfg, bal = ctx.cfg.split, ctx.cfg.balance
@@ -98,6 +107,8 @@ class SplitStage(Stage):
             ]
             capped = len(over_idx)
         images.loc[images["status"] != Status.OK, "split"] = None
+        # Verdicts last, so that the split of every other image stays what it was without them.
+        images, applied = apply_overrides(images, read_overrides(ctx.out))
         manifests.write_manifest("images", images, ctx.manifest("images"))
         final = images[images["status"] == Status.OK]
         return {
@@ -106,4 +117,5 @@ class SplitStage(Stage):
             "classes": int(final["label"].nunique()),
             "classes_dropped": len(small),
             "capped": capped,
+            "verdicts": applied,
         }

@@ -1,0 +1,76 @@
+"""The annotator export under ``OUT/export/``: the blacklist as a Label Studio import file (each image
+with its given label, and the ensemble's suggestion pre-filled as a prediction with its score), the same
+rows as a CSV with empty verdict columns to fill in, and the Label Studio labelling config that goes
+with them. Either file, answered, goes back with ``cropclean verdicts import``."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pandas as pd
+
+from pipeline import manifests, storage
+from pipeline.annotate import labelstudio
+
+# Label Studio serves local files as /data/local-files/?d=<path under LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT>;
+# with the document root at the run folder, an image's path in the manifests is all the URL needs.
+DEFAULT_IMAGE_PREFIX = "/data/local-files/?d="
+MODEL_VERSION = "cropclean-ensemble"
+BLACKLIST_TASKS = "blacklist-labelstudio.json"
+BLACKLIST_CSV = "blacklist.csv"
+CONFIG = "labelstudio-config.xml"
+CSV_COLUMNS = ["image_id", "verdict", "new_label", "label", "suggested_label", "suggested_score", "score",
+               "reason", "evidence", "split", "path", "image"]  # fmt: skip
+
+
+def export_dir(out: str) -> str:
+    return storage.join(out, "export")
+
+
+def write_json(uri: str, doc: Any) -> None:
+    storage.write_text_atomic(uri, json.dumps(doc, indent=1, ensure_ascii=False, default=str) + "\n")
+
+
+def write_csv(uri: str, frame: pd.DataFrame) -> None:
+    buf = io.StringIO()
+    frame.to_csv(buf, index=False)
+    storage.write_text_atomic(uri, buf.getvalue())
+
+
+def _num(value: Any) -> float | None:
+    return None if value is None or pd.isna(value) else round(float(value), 4)
+
+
+def blacklist_tasks(blacklist: pd.DataFrame, prefix: str) -> list[dict[str, Any]]:
+    """One Label Studio task per blacklisted image, most likely wrong first."""
+    tasks = []
+    for r in blacklist.to_dict("records"):
+        suggested = r.get("suggested_label")
+        suggested = None if suggested is None or pd.isna(suggested) else str(suggested)
+        data = {
+            "image": labelstudio.image_url(r["path"], prefix), "image_id": r["image_id"],
+            "given_label": r["label"], "suggested_label": suggested or "", "reason": r["reason"],
+            "score": _num(r["score"]), "suggested_score": _num(r.get("suggested_score")),
+            "evidence": r.get("evidence") or "", "split": r.get("split") or "", "path": r["path"],
+        }  # fmt: skip
+        results = [labelstudio.choice_result(suggested)] if suggested else []
+        tasks.append(labelstudio.task(data, MODEL_VERSION, data["suggested_score"], results))
+    return tasks
+
+
+def write_blacklist_export(
+    out: str, classes: list[str], prefix: str = DEFAULT_IMAGE_PREFIX
+) -> dict[str, Any]:
+    """Write the three files from ``manifests/blacklist.parquet``; returns their URIs and the row count."""
+    blacklist = manifests.read_manifest("blacklist", storage.join(out, "manifests", "blacklist.parquet"))
+    folder = export_dir(out)
+    files = {name: storage.join(folder, name) for name in (BLACKLIST_TASKS, BLACKLIST_CSV, CONFIG)}
+    header = "Given: $given_label. Suggested: $suggested_label. $evidence"
+    storage.write_text_atomic(files[CONFIG], labelstudio.labeling_config(classes, header))
+    write_json(files[BLACKLIST_TASKS], blacklist_tasks(blacklist, prefix))
+    table = blacklist.assign(verdict="", new_label="", image=[labelstudio.image_url(p, prefix)
+                                                              for p in blacklist["path"]])  # fmt: skip
+    write_csv(files[BLACKLIST_CSV], table.reindex(columns=CSV_COLUMNS))
+    return {"rows": len(blacklist), "files": files}
