@@ -239,17 +239,22 @@ def _threshold(text: str) -> float:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Pre-labelling: ingest unlabelled images into OUT2 and label them with the ensemble of run --models."""
     from pipeline import storage
-    from pipeline.runner import run_stages
-    from pipeline.stages.dedupe import DedupeStage
-    from pipeline.stages.normalize import NormalizeStage
-    from pipeline.stages.predict import PRELABEL_CSV, PRELABEL_TASKS, PredictStage
-    from pipeline.stages.sources import SourcesStage
+    from pipeline.config import absolute_local
 
     trained = storage.join(args.models, "models", "classes.json")
     if not storage.exists(storage.join(args.models, "run.yaml")) or not storage.exists(trained):
         print(f"cropclean predict: {args.models} holds no trained run (no run.yaml or models/classes.json); "
               "run cropclean train there first", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
+    if absolute_local(args.out.rstrip("/")) == absolute_local(args.models.rstrip("/")):
+        print("cropclean predict: --out must be a folder of its own, not the trained run's", file=sys.stderr)
+        return EXIT_USAGE
+    from pipeline.runner import run_stages
+    from pipeline.stages.dedupe import DedupeStage
+    from pipeline.stages.normalize import NormalizeStage
+    from pipeline.stages.predict import PRELABEL_CSV, PRELABEL_TASKS, PredictStage
+    from pipeline.stages.sources import SourcesStage
+
     doc = load_config_file(storage.join(args.models, "run.yaml"))
     doc["sources"] = [{"uri": args.source, **({"kind": args.kind} if args.kind else {})}]
     cfg = _config_from_args(args, doc)

@@ -151,3 +151,16 @@ def test_a_folder_without_class_folders_gives_unlabelled_candidates(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     found = list(iter_candidates(SourceConfig(uri=str(tmp_path), kind="imagefolder")))
     assert [(c.source_key, c.label, c.split) for c in found] == [("a.png", None, None), ("b.jpg", None, None)]
+
+
+def test_predict_needs_a_trained_run_and_a_folder_of_its_own(run, tmp_path, capsys):
+    source = tmp_path / "new"
+    source.mkdir()
+    assert main(["predict", str(source), "--models", str(tmp_path), "--out", str(tmp_path / "p")]) == 2
+    assert "holds no trained run" in capsys.readouterr().err
+    (run / "run.yaml").write_text(f"out: {run}\nsources: [{{uri: {source}}}]\n")
+    assert main(["predict", str(source), "--models", str(run), "--out", f"{run}/"]) == 2
+    assert "a folder of its own" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: usage and exit status 2
+        main(["predict", str(source), "--models", str(run), "--out", "x", "--threshold", "1.5"])
+    assert "must lie in [0, 1], got 1.5" in capsys.readouterr().err
