@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test lint bench bench-dedupe bench-download bench-train bench-fcn lock clean-demo venv
+.PHONY: demo test chromium lint bench bench-dedupe bench-download bench-train bench-fcn lock clean-demo venv
 
 venv: $(STAMP)
 
@@ -18,7 +18,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m pipeline.demo --out $(DEMO_OUT)
 
-test: $(STAMP)
+# The report's browser tests drive Debian's Chromium (Playwright downloads no browser of its own).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

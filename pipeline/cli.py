@@ -171,19 +171,38 @@ def _run_after_ingest(args: argparse.Namespace, last: str) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    """Everything: ingest, train, crop and blacklist, evaluate."""
+    """Everything: ingest, train, crop and blacklist, evaluate, the report."""
     from pipeline.ingest import run_ingest
+    from pipeline.progress import stage_table
     from pipeline.runner import run_stages
+    from pipeline.stages.report import ReportStage
     from pipeline.summary import format_ingest_summary
 
     source = {"uri": args.source, **({"kind": args.kind} if args.kind else {})}
     cfg = _config_from_args(args, {"sources": [source]})
-    report, summary = run_ingest(cfg)
+    ingested, summary = run_ingest(cfg)
     print(format_ingest_summary(summary, cfg.out))
-    report = run_stages(cfg, _stages_through("evaluate"))
+    report = run_stages(cfg, [*_stages_through("evaluate"), ReportStage()])
     _print_training(report, cfg)
     _print_crop(report, cfg)
     _print_evaluation(cfg)
+    # The ingest stages ran in the first call; the second only found them complete.
+    print(stage_table({**report.results, **{n: r for n, r in ingested.results.items() if not r.skipped}}))
+    print(f"report: {report.results['report'].stats['index']}")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``cropclean report OUT``: (re)build the HTML report of a run from its manifests."""
+    from pipeline.report import build_report
+
+    try:
+        result = build_report(args.out, per_page=args.per_page, heatmap_limit=args.heatmaps)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"cropclean report: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"report: {result.index} ({result.pages} pages, {result.thumbnails} new thumbnails, "
+          f"{result.heatmaps} images run for heatmaps, {result.seconds:.1f} s)")  # fmt: skip
     return EXIT_OK
 
 
@@ -373,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-prefix", default=DEFAULT_IMAGE_PREFIX, help=prefix_help)
     _add_config_args(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help="build the HTML report of a run (OUT/report/index.html)")
+    p.add_argument("out", help="output URI of a run")
+    p.add_argument("--per-page", type=int, default=100, help="images per gallery and review page")
+    p.add_argument("--heatmaps", type=int, default=400,
+                   help="gallery images with a heatmap overlay (blacklisted: all)")  # fmt: skip
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("run", help="run the pipeline described by a config file")
     p.add_argument("config")

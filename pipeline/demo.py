@@ -1,5 +1,5 @@
 """``make demo``: generate a small dataset and clean it on a local Ray instance: ingest, train the ensemble,
-crop and blacklist, evaluate."""
+crop and blacklist, evaluate, and build the HTML report."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ def main() -> int:
     else:
         code = cli_main(["clean", data, "--out", run, "--preset", "cpu-small"])
     print(f"\ndemo finished in {time.perf_counter() - start:.0f}s; run folder: {run}")
+    report = storage.join(run, "report", "index.html")
+    if storage.exists(report):
+        print(f"report: {report}  (open it in a browser, or: python -m http.server -d {run}/report)")
     return code
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import storage
+from pipeline import progress, storage
 from pipeline.config import RayConfig, RunConfig
 from pipeline.faults import FaultPlan
 from pipeline.stages.base import RunContext, Stage, StageResult
@@ -103,13 +103,14 @@ def run_stages(cfg: RunConfig, stages: Sequence[Stage], faults: FaultPlan | None
         marker_uri = _marker_uri(ctx, stage)
         marker = _read_marker(marker_uri)
         if marker and marker.get("key") == key and marker.get("final", True):
-            log.info("stage %s: already complete, skipped", stage.name)
+            progress.stage_skipped(stage.name)
             stats = marker.get("stats", {})
             report.results[stage.name] = StageResult(stats=stats, skipped=True)
             chain += f"#{stats.get('fingerprint', '')}"
             continue
-        log.info("stage %s: running", stage.name)
+        progress.stage_running(stage.name)
         result = stage.timed_run(ctx)
+        progress.stage_done(stage.name, result.seconds)
         # What later stages depend on includes this stage's output, not only its config: a re-run that
         # retried failed downloads changes the output, and what follows must run again.
         chain += f"#{result.stats.get('fingerprint', '')}"

@@ -1,0 +1,81 @@
+"""What the report shows, read from a run's output: manifests, metrics.json, training histories, config."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from pipeline import manifests, storage
+from pipeline.config import RunConfig, build_config, load_config_file
+from pipeline.stages.train import model_dir
+from pipeline.summary import read_metrics
+
+
+@dataclass
+class RunData:
+    out: str
+    cfg: RunConfig
+    images: pd.DataFrame  # every candidate image
+    duplicates: pd.DataFrame
+    crops: pd.DataFrame  # the method's label-driven crops (one row per image), with the image's size
+    searched: pd.DataFrame  # the method's label-free crops: the crop searched for the predicted class
+    blacklist: pd.DataFrame  # sorted by score, highest first
+    predictions: pd.DataFrame  # full-data models only
+    metrics: dict[str, Any]
+    histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # member -> epochs
+
+    @property
+    def classes(self) -> list[str]:
+        ok = self.images[(self.images["status"] == "ok") & self.images["split"].notna()]
+        return sorted(ok["label"].dropna().unique())
+
+
+def _manifest(out: str, name: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """A manifest, or an empty frame of its columns when the stage that writes it has not run."""
+    uri = storage.join(out, "manifests", f"{name}.parquet")
+    if storage.exists(uri):
+        return manifests.read_manifest(name, uri, columns=columns)
+    return pd.DataFrame(columns=columns or manifests.load_schema(name).names)
+
+
+def _histories(out: str, cfg: RunConfig) -> dict[str, list[dict[str, Any]]]:
+    found = {}
+    for member in cfg.train.members:
+        uri = storage.join(model_dir(out, member.label, None), "history.json")
+        if storage.exists(uri):
+            found[member.label] = json.loads(storage.read_text(uri))["history"]
+    return found
+
+
+def read_run(out: str) -> RunData:
+    """Everything the report needs from ``out``; a run that stopped after ingest gives empty crops."""
+    run_yaml = storage.join(out, "run.yaml")
+    if not storage.exists(run_yaml):
+        raise FileNotFoundError(f"{out} holds no run (no run.yaml); run cropclean ingest or clean first")
+    cfg = build_config(load_config_file(run_yaml))
+    images = _manifest(out, "images")
+    method = cfg.crop.method
+    crops = _manifest(out, "crops")
+    crops = crops[crops["method"] == method]
+    size = images[["image_id", "width", "height"]]
+    label_driven = crops[crops["target"] == "label"].merge(size, on="image_id", how="left")
+    label_free = crops[crops["target"] == "predicted"].merge(size, on="image_id", how="left")
+    blacklist = _manifest(out, "blacklist").sort_values("score", ascending=False, kind="stable")
+    blacklist = blacklist.merge(size, on="image_id", how="left").reset_index(drop=True)
+    predictions = _manifest(out, "predictions")
+    predictions = predictions[predictions["fold"].isna()]
+    return RunData(
+        out=out,
+        cfg=cfg,
+        images=images,
+        duplicates=_manifest(out, "duplicates"),
+        crops=label_driven.reset_index(drop=True),
+        searched=label_free.reset_index(drop=True),
+        blacklist=blacklist,
+        predictions=predictions,
+        metrics=read_metrics(out),
+        histories=_histories(out, cfg),
+    )
