@@ -190,7 +190,8 @@ def check_rows(rows: list[dict[str, object]], images: pd.DataFrame, classes: lis
                     "annotator": r.get("annotator")})  # fmt: skip
     if errors:
         more = f"\n  ... and {len(errors) - MAX_ERRORS} more" if len(errors) > MAX_ERRORS else ""
-        raise VerdictError(f"{name}: {len(errors)} rows cannot be applied; nothing was imported:\n  "
+        rows_text = f"{len(errors)} row{'s' if len(errors) > 1 else ''}"
+        raise VerdictError(f"{name}: {rows_text} cannot be applied; nothing was imported:\n  "
                            + "\n  ".join(errors[:MAX_ERRORS]) + more)  # fmt: skip
     return out
 
