@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test chromium lint bench bench-dedupe bench-download bench-train bench-fcn lock clean-demo venv
+.PHONY: demo test chromium lint bench bench-dedupe bench-download bench-train bench-fcn bench-scale lock clean-demo venv
 
 venv: $(STAMP)
 
@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: bench-dedupe bench-download bench-train bench-fcn
+bench: bench-dedupe bench-download bench-train bench-fcn bench-scale
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)
@@ -55,6 +55,9 @@ bench-train: $(STAMP)
 
 bench-fcn: $(STAMP)
 	$(PY) bench/fcn.py
+
+bench-scale: $(STAMP)
+	$(PY) bench/scale.py
 
 # Re-resolve the pins from pyproject.toml into constraints.txt (needs the registry).
 lock:

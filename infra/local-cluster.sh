@@ -61,21 +61,23 @@ running() {  # running NAME: the node was started here and its processes are ali
   [ -f "$dir/$1.sid" ] && [ -n "$(node_pids "$(cat "$dir/$1.sid")")" ]
 }
 
-start_node() {  # start_node NAME IP ARGS...
-  local name=$1 ip=$2
+start_node() {  # start_node NAME IP ARGS...: up to 3 tries (Ray gives a raylet 30 s to register)
+  local name=$1 ip=$2 try
   shift 2
   mkdir -p "$dir/$name"
-  # setsid makes ray start (and all it spawns) a new session; its id is the first process's pid.
-  setsid "$RAY" start --node-ip-address "$ip" --temp-dir "$dir/$name" --disable-usage-stats "$@" \
-    > "$dir/$name.log" 2>&1 &
-  echo $! > "$dir/$name.sid"
-  if ! wait $!; then
-    echo "local-cluster: $name did not start; see $dir/$name.log" >&2
-    tail -20 "$dir/$name.log" >&2
+  for try in 1 2 3; do
+    # setsid makes ray start (and all it spawns) a new session; its id is the first process's pid.
+    setsid "$RAY" start --node-ip-address "$ip" --temp-dir "$dir/$name" --disable-usage-stats "$@" \
+      > "$dir/$name.log" 2>&1 &
+    echo $! > "$dir/$name.sid"
+    wait $! && return 0
+    echo "local-cluster: $name did not start (try $try); see $dir/$name.log" >&2
+    tail -5 "$dir/$name.log" >&2
     signal_node "$name" KILL  # what it did start must not linger (a stale GCS keeps the port)
     rm -f "$dir/$name.sid"
-    return 1
-  fi
+    sleep 2
+  done
+  return 1
 }
 
 case "$cmd" in

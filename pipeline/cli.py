@@ -178,8 +178,16 @@ def cmd_clean(args: argparse.Namespace) -> int:
     from pipeline.stages.report import ReportStage
     from pipeline.summary import format_ingest_summary
 
-    source = {"uri": args.source, **({"kind": args.kind} if args.kind else {})}
-    cfg = _config_from_args(args, {"sources": [source]})
+    doc = load_config_file(args.config) if args.config else {}
+    if args.source:
+        doc["sources"] = [{"uri": args.source, **({"kind": args.kind} if args.kind else {})}]
+    elif not doc.get("sources"):
+        print("cropclean clean: give a SOURCE, or a --config that names sources", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.out and not doc.get("out"):
+        print("cropclean clean: give --out, or a --config that names out", file=sys.stderr)
+        return EXIT_USAGE
+    cfg = _config_from_args(args, doc)
     ingested, summary = run_ingest(cfg)
     print(format_ingest_summary(summary, cfg.out))
     report = run_stages(cfg, [*_stages_through("evaluate"), ReportStage()])
@@ -356,13 +364,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: _run_after_ingest(a, "evaluate"))
 
     p = sub.add_parser("clean", help="everything: ingest, train, crop and blacklist, evaluate")
-    p.add_argument("source", help="Food-101 root, ImageFolder root or URL list (any fsspec URI)")
-    p.add_argument("--out", required=True, help="output URI of the run")
+    p.add_argument(
+        "source", nargs="?", help="Food-101 root, ImageFolder root or URL list (any fsspec URI); "
+        "default: the sources of --config"
+    )  # fmt: skip
+    p.add_argument("--out", help="output URI of the run (default: the out of --config)")
+    p.add_argument("--config", help="a run config file (local path or any fsspec URI, e.g. s3://...)")
     p.add_argument(
         "--kind", choices=["food101", "imagefolder", "urllist"], help="source kind (default: detect)"
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_clean)
+
+    p = sub.add_parser("report", help="build the HTML report of a run (OUT/report/index.html)")
+    p.add_argument("out", help="output URI of a run")
+    p.add_argument("--per-page", type=int, default=100, help="images per gallery and review page")
+    p.add_argument("--heatmaps", type=int, default=400,
+                   help="gallery images with a heatmap overlay (blacklisted: all)")  # fmt: skip
+    p.set_defaults(func=cmd_report)
 
     from pipeline.annotate.export import DEFAULT_IMAGE_PREFIX
 
@@ -392,13 +411,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-prefix", default=DEFAULT_IMAGE_PREFIX, help=prefix_help)
     _add_config_args(p)
     p.set_defaults(func=cmd_predict)
-
-    p = sub.add_parser("report", help="build the HTML report of a run (OUT/report/index.html)")
-    p.add_argument("out", help="output URI of a run")
-    p.add_argument("--per-page", type=int, default=100, help="images per gallery and review page")
-    p.add_argument("--heatmaps", type=int, default=400,
-                   help="gallery images with a heatmap overlay (blacklisted: all)")  # fmt: skip
-    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("run", help="run the pipeline described by a config file")
     p.add_argument("config")

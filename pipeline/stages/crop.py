@@ -265,6 +265,14 @@ def use_gpu(cfg: RunConfig) -> bool:
     return choice == "yes" or (choice == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
 
 
+def default_actors(cfg: RunConfig, resources: dict[str, float], gpu: bool) -> int:
+    """As many actors as the cluster holds: its GPUs over ``gpus_per_actor`` on a GPU cluster, else its
+    CPUs over ``cpus_per_actor`` (the stage runs alone, and its input is in memory: no read tasks)."""
+    if gpu:
+        return max(1, int(resources.get("GPU", 0) / cfg.crop.gpus_per_actor + 1e-9))
+    return max(1, int(resources.get("CPU", 1) / cfg.crop.cpus_per_actor + 1e-9))
+
+
 class CropStage(Stage):
     name = "crop"
     resources = Resources(cpus=1)
@@ -316,9 +324,10 @@ class CropStage(Stage):
         cfg = ctx.cfg
         c, b = cfg.crop, cfg.blacklist
         val = rows[rows["split"] == "val"].head(SIMILARNET_IMAGES)
+        baselines = [m for m in c.baselines if m != "none"]  # "none" (no crop) is evaluation's row alone
         return Settings(
             out=cfg.out, classes=classes, members=[m.label for m in cfg.train.members], folds=cfg.train.folds,
-            crop_models=cfg.train.crop_models, method=c.method, mode=c.mode, baselines=list(c.baselines),
+            crop_models=cfg.train.crop_models, method=c.method, mode=c.mode, baselines=baselines,
             step=c.scale_factor, max_scale=c.max_scale, early_stop=c.early_stop,
             display_aspect=tuple(c.display_aspect) if c.display_aspect else None,
             display_min_area=c.display_min_area, max_votes=b.max_votes, min_score=b.min_score,
@@ -331,7 +340,7 @@ class CropStage(Stage):
         import ray
 
         gpu = use_gpu(cfg)
-        actors = cfg.crop.actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1)
+        actors = cfg.crop.actors or default_actors(cfg, ray.cluster_resources(), gpu)
         columns = ["image_id", "split", "label", "label_idx", "path", "fold", "cross_label", "verified"]
         # Rows sorted by size so that batches hold images of one pyramid.
         frame = todo[columns].assign(_size=todo["width"] * 100_000 + todo["height"]).sort_values("_size")
