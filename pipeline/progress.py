@@ -13,8 +13,6 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TextIO, TypeVar
 
-import pandas as pd
-
 T = TypeVar("T")
 
 # Numbers of a stage's stats worth a column in the closing table, in the order shown.
@@ -88,5 +86,8 @@ def stage_table(results: Mapping[str, Any]) -> str:
         numbers = ", ".join(f"{k} {_number(stats[k])}" for k in KEY_NUMBERS if _number(stats.get(k)))
         seconds = "" if result.skipped else f"{result.seconds:.1f}"
         rows.append((name, "skipped" if result.skipped else "ran", seconds, numbers))
-    table = pd.DataFrame(rows, columns=["stage", "status", "seconds", "key numbers"])
-    return "Stages\n" + table.to_string(index=False, justify="left")
+    header = ("stage", "status", "seconds", "key numbers")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(3)]
+    w0, w1, w2 = widths
+    lines = [f"{r[0]:<{w0}}  {r[1]:<{w1}}  {r[2]:>{w2}}  {r[3]}" for r in [header, *rows]]
+    return "\n".join(["Stages", *(line.rstrip() for line in lines)])

@@ -17,7 +17,7 @@ def line_chart(
     series: Mapping[str, Sequence[tuple[float, float]]],
     title: str,
     y_label: str,
-    width: int = 360,
+    width: int = 480,
     height: int = 220,
     y_range: tuple[float, float] | None = None,
 ) -> str:
@@ -25,7 +25,7 @@ def line_chart(
     points = [p for s in series.values() for p in s]
     if not points:
         return f'<p class="empty">{escape(title)}: no data</p>'
-    left, right, top, bottom = 44, 10, 24, 34
+    left, right, top, bottom = 44, 136, 24, 34  # the legend sits right of the plot
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y0, y1 = y_range or (min(0.0, min(ys)), max(ys) if max(ys) > 0 else 1.0)
@@ -62,8 +62,8 @@ def line_chart(
         parts.append(f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="2"/>')
         parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{colour}"/>' for x, y in pts]
         ly = top + 4 + 13 * k
-        parts.append(f'<rect x="{left + pw - 96}" y="{ly}" width="10" height="3" fill="{colour}"/>')
-        parts.append(f'<text x="{left + pw - 82}" y="{ly + 5}" class="legend">{escape(name)}</text>')
+        parts.append(f'<rect x="{left + pw + 10}" y="{ly}" width="10" height="3" fill="{colour}"/>')
+        parts.append(f'<text x="{left + pw + 24}" y="{ly + 5}" class="legend">{escape(name)}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 
