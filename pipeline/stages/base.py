@@ -54,6 +54,15 @@ def finished_shards(shard_dir: str, prefix: str) -> set[int]:
     return {int(n[len(prefix) + 1 : -len(".parquet")]) for n in names if n.startswith(f"{prefix}-")}
 
 
+def drain(ds: Any) -> None:
+    """Run a Ray Dataset whose work is its side effects (shard and part files), dropping its outputs as
+    they arrive. ``materialize()`` would keep every output block until the end, and a node lost late in
+    a stage would then make Ray re-run the finished tasks whose blocks it held; drained, only the work
+    in flight on the lost node runs again."""
+    for _ in ds.iter_internal_ref_bundles():
+        pass
+
+
 @dataclass
 class StageResult:
     stats: dict[str, Any] = field(default_factory=dict)

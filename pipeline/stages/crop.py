@@ -33,7 +33,7 @@ from pipeline.crop import judge, select
 from pipeline.crop.localize import FCNEnsemble, Located, Saliency, load_classifier, whole_image_probs
 from pipeline.models.data import load_rgb, normalize, training_rows
 from pipeline.reasons import Reason
-from pipeline.stages.base import Resources, RunContext, Stage
+from pipeline.stages.base import Resources, RunContext, Stage, drain
 from pipeline.stages.train import fold_of, model_dir
 from pipeline.summary import update_metrics
 
@@ -350,7 +350,7 @@ class CropStage(Stage):
             batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cfg.crop.cpus_per_actor, num_gpus=cfg.crop.gpus_per_actor if gpu else 0,
         )  # fmt: skip
-        ds.materialize()
+        drain(ds)
 
 
 def blacklist_rows(judged: pd.DataFrame) -> pd.DataFrame:

@@ -21,7 +21,7 @@ from pipeline import manifests, neardup, storage
 from pipeline.config import DedupeConfig
 from pipeline.faults import FaultPlan
 from pipeline.reasons import Reason, Status
-from pipeline.stages.base import Resources, RunContext, Stage, finished_shards, shard_file
+from pipeline.stages.base import Resources, RunContext, Stage, drain, finished_shards, shard_file
 from pipeline.stages.normalize import images_uri as normalized_images_uri
 
 DUP_COLUMNS = manifests.load_schema("duplicates").names
@@ -87,7 +87,7 @@ def near_pairs_on_ray(
             batch_format="numpy",
             fn_kwargs={"radius": cfg.radius, "shard_dir": shard_dir, "faults": faults},
         )
-        ds.materialize()
+        drain(ds)
     # A partition that received no bucket rows got no map_groups call: it is complete and empty.
     empty = pa.table({"a": pa.array([], pa.int64()), "b": pa.array([], pa.int64())})
     for p in todo:

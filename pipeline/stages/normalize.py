@@ -28,7 +28,7 @@ from pipeline.faults import FaultPlan
 from pipeline.imaging import Normalized, NormalizeParams, normalize_bytes
 from pipeline.reasons import RETRYABLE, Reason, Status
 from pipeline.sources import decode_locator
-from pipeline.stages.base import Resources, RunContext, Stage
+from pipeline.stages.base import Resources, RunContext, Stage, drain
 from pipeline.stages.sources import candidates_uri
 
 _CARRIED = ("image_id", "source", "source_key", "url", "page_url", "query", "engine", "rank", "license",
@@ -194,19 +194,21 @@ class NormalizeStage(Stage):
             for n, start in enumerate(range(0, todo.num_rows, cfg.shard_size))
         ]
         if shards:
-            ray.data.from_items(shards, override_num_blocks=len(shards)).map(
-                run_shard,
-                fn_kwargs={
-                    "params": params,
-                    "max_bytes": cfg.max_bytes,
-                    "fetch": fetch,
-                    "out": ctx.out,
-                    "ledger_dir": ledger_dir,
-                    "run_id": run_id,
-                    "faults": ctx.faults,
-                },
-                num_cpus=self.resources.cpus,
-            ).materialize()
+            drain(
+                ray.data.from_items(shards, override_num_blocks=len(shards)).map(
+                    run_shard,
+                    fn_kwargs={
+                        "params": params,
+                        "max_bytes": cfg.max_bytes,
+                        "fetch": fetch,
+                        "out": ctx.out,
+                        "ledger_dir": ledger_dir,
+                        "run_id": run_id,
+                        "faults": ctx.faults,
+                    },
+                    num_cpus=self.resources.cpus,
+                )
+            )
 
         latest = read_ledger(ledger_dir).set_index("image_id")
         images = latest.loc[ids].reset_index()  # candidate order
