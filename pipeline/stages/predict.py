@@ -102,17 +102,6 @@ class PredictWorker:
         }  # fmt: skip
 
 
-def _actors(cfg: RunConfig, gpu: bool) -> int:
-    import ray
-
-    if cfg.crop.actors:
-        return cfg.crop.actors
-    resources = ray.cluster_resources()
-    if gpu:
-        return max(1, int(resources.get("GPU", 0) / cfg.crop.gpus_per_actor + 1e-9))
-    return max(1, int(resources.get("CPU", 1) / cfg.crop.cpus_per_actor + 1e-9))
-
-
 class PredictStage(Stage):
     name = "predict"
     resources = Resources(cpus=1)
@@ -138,7 +127,7 @@ class PredictStage(Stage):
     def run(self, ctx: RunContext) -> dict[str, Any]:
         import ray
 
-        from pipeline.stages.crop import use_gpu
+        from pipeline.stages.crop import default_actors, use_gpu
 
         cfg = ctx.cfg
         classes = json.loads(storage.read_text(storage.join(self.models, "models", "classes.json")))
@@ -153,9 +142,10 @@ class PredictStage(Stage):
         columns = ["image_id", "source_key", "path", "width", "height"]
         frame = ok[columns].sort_values(["width", "height"]).reset_index(drop=True)  # batches of one size
         gpu = use_gpu(cfg)
+        actors = cfg.crop.actors or default_actors(cfg, ray.cluster_resources(), gpu)
         ds = ray.data.from_pandas(frame).map_batches(
             PredictWorker, fn_constructor_kwargs={"settings": settings}, batch_size=cfg.crop.batch_size,
-            batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=_actors(cfg, gpu)),
+            batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cfg.crop.cpus_per_actor, num_gpus=cfg.crop.gpus_per_actor if gpu else 0,
         )  # fmt: skip
         empty = pd.DataFrame(columns=manifests.load_schema("prelabels").names)
