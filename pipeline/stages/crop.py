@@ -344,13 +344,21 @@ class CropStage(Stage):
         columns = ["image_id", "split", "label", "label_idx", "path", "fold", "cross_label", "verified"]
         # Rows sorted by size so that batches hold images of one pyramid.
         frame = todo[columns].assign(_size=todo["width"] * 100_000 + todo["height"]).sort_values("_size")
-        ds = ray.data.from_pandas(frame.drop(columns="_size").reset_index(drop=True))
+        ds = ray.data.from_pandas(batch_blocks(frame.drop(columns="_size"), cfg.crop.batch_size))
         ds = ds.map_batches(
             CropWorker, fn_constructor_kwargs={"settings": settings}, batch_size=cfg.crop.batch_size,
             batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cfg.crop.cpus_per_actor, num_gpus=cfg.crop.gpus_per_actor if gpu else 0,
         )  # fmt: skip
         drain(ds)
+
+
+def batch_blocks(frame: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
+    """One block per batch: Ray Data hands an actor pool whole blocks, so a single block of every row
+    would keep all but one actor idle."""
+    frame = frame.reset_index(drop=True)
+    blocks = [frame.iloc[i : i + batch_size].reset_index(drop=True) for i in range(0, len(frame), batch_size)]
+    return blocks or [frame]
 
 
 def blacklist_rows(judged: pd.DataFrame) -> pd.DataFrame:

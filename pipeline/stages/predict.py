@@ -127,7 +127,7 @@ class PredictStage(Stage):
     def run(self, ctx: RunContext) -> dict[str, Any]:
         import ray
 
-        from pipeline.stages.crop import default_actors, use_gpu
+        from pipeline.stages.crop import batch_blocks, default_actors, use_gpu
 
         cfg = ctx.cfg
         classes = json.loads(storage.read_text(storage.join(self.models, "models", "classes.json")))
@@ -143,7 +143,7 @@ class PredictStage(Stage):
         frame = ok[columns].sort_values(["width", "height"]).reset_index(drop=True)  # batches of one size
         gpu = use_gpu(cfg)
         actors = cfg.crop.actors or default_actors(cfg, ray.cluster_resources(), gpu)
-        ds = ray.data.from_pandas(frame).map_batches(
+        ds = ray.data.from_pandas(batch_blocks(frame, cfg.crop.batch_size)).map_batches(
             PredictWorker, fn_constructor_kwargs={"settings": settings}, batch_size=cfg.crop.batch_size,
             batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cfg.crop.cpus_per_actor, num_gpus=cfg.crop.gpus_per_actor if gpu else 0,
