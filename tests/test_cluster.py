@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -312,6 +313,9 @@ def s3(tmp_path) -> Iterator[dict[str, str]]:
     try:
         yield env
     finally:
+        # moto keeps one in-memory store per process, shared by every server it starts: empty it.
+        urllib.request.urlopen(urllib.request.Request(f"{env['AWS_ENDPOINT_URL_S3']}/moto-api/reset",
+                                                      method="POST"))  # fmt: skip
         server.stop()
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
