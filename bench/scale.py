@@ -81,6 +81,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from pipeline.cli import main as cli_main
+    from tests.test_cluster import rewind_to_trained  # the same rewind the fault-tolerance tests use
 
     work = (REPO / args.work).resolve()
     data, trained = work / "data", work / "trained"
@@ -114,7 +115,8 @@ def main() -> int:
                 code = DRIVER.format(repo=str(REPO), data=str(data), out=str(fresh), sets=SETS, crop=False)
                 times[name]["normalize"].append(run_driver(code, node_env)["normalize_s"])
                 rewound = work / f"crop-{name}"
-                _rewind(trained, rewound)
+                shutil.rmtree(rewound, ignore_errors=True)
+                rewind_to_trained(trained, rewound)
                 code = DRIVER.format(repo=str(REPO), data=str(data), out=str(rewound), sets=SETS, crop=True)
                 result = run_driver(code, node_env)
                 assert "train" in result["skipped"], result  # the shared models, not new ones
@@ -149,17 +151,6 @@ def _count_images(run: Path) -> int:
 
     images = pd.read_parquet(run / "manifests" / "images.parquet")
     return int(((images["status"] == "ok") & images["split"].notna()).sum())
-
-
-def _rewind(src: Path, dst: Path) -> None:
-    """A copy of a finished run as it stood before the crop stage."""
-    shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(src, dst)
-    for stage in (dst / "stages").iterdir():
-        if stage.name not in {"sources", "normalize", "dedupe", "split", "train"}:
-            shutil.rmtree(stage)
-    for later in ("cropped", "export", "report"):
-        shutil.rmtree(dst / later, ignore_errors=True)
 
 
 if __name__ == "__main__":
