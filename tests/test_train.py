@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipeline import manifests
+from pipeline.config import ConfigError
 from pipeline.faults import FaultPlan
 from pipeline.ingest import ingest_stages
 from pipeline.models.data import Augment, ray_dataset, training_rows
@@ -169,4 +170,8 @@ def test_members_train_at_once_when_the_cluster_has_room_and_one_by_one_when_not
     assert concurrency(whole, 8, {"CPU": 16}, gpu=False) == 8
     pairs = ingest_config("data", "out", "train.num_workers=2")
     assert concurrency(pairs, 3, {"CPU": 16, "GPU": 4}, gpu=True) == 2  # two 2-GPU trainings
-    assert concurrency(ingest_config("data", "out", "train.concurrent_members=3"), 4, {"CPU": 2}, False) == 3
+    three = ingest_config("data", "out", "train.concurrent_members=3", "train.cpus_per_worker=0.5")
+    assert concurrency(three, 4, {"CPU": 8}, False) == 3
+    # 1.5 CPUs held by workers leave no whole CPU for the augmentation tasks: it would wait forever.
+    with pytest.raises(ConfigError, match=r"train\.concurrent_members 3 .* 1\.5 CPUs"):
+        concurrency(three, 4, {"CPU": 2}, False)

@@ -96,6 +96,18 @@ def training_rows(images: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     return ok.assign(label_idx=ok["label"].map(index).astype(np.int64)).reset_index(drop=True)
 
 
+def decoded_size(size: int, augment: Augment | None) -> int:
+    """The side images are decoded at: the input size, or a little more for training's random crops."""
+    return size if augment is None else round(size * 8 / 7)
+
+
+def decoded_bytes(rows: int, size: int, augment: Augment | None) -> int:
+    """What ``ray_dataset`` keeps in the object store for ``rows`` images: uint8 for training (augmented
+    afresh each epoch), normalized float32 for evaluation."""
+    side = decoded_size(size, augment)
+    return rows * side * side * 3 * (4 if augment is None else 1)
+
+
 def ray_dataset(rows: pd.DataFrame, out: str, size: int, augment: Augment | None, batch_size: int = 32,
                 cache_bytes: int = 2**30, seed: int = 0):  # fmt: skip
     """A Ray Dataset of these rows' images (or of their boxes, when the rows have box columns): decoded
@@ -109,13 +121,12 @@ def ray_dataset(rows: pd.DataFrame, out: str, size: int, augment: Augment | None
             frame[c] = pd.to_numeric(rows[c], errors="coerce").astype("float64").to_numpy()
     if augment is not None:  # training: mix the classes across blocks (the manifest groups them)
         frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
-    base_size = size if augment is None else round(size * 8 / 7)  # crops need a little room
+    base_size = decoded_size(size, augment)
     decoded = ray.data.from_pandas(frame).map_batches(
         decode_batch, batch_size=batch_size, batch_format="numpy",
         fn_kwargs={"out": out, "size": base_size, "as_float": augment is None},
     )  # fmt: skip
-    bytes_needed = len(rows) * base_size * base_size * 3 * (4 if augment is None else 1)
-    if bytes_needed <= cache_bytes:
+    if decoded_bytes(len(rows), size, augment) <= cache_bytes:
         decoded = decoded.materialize()
     if augment is None:
         return decoded

@@ -125,8 +125,7 @@ def run_epoch(model: nn.Module, batches: Any, device: torch.device, optimizer: t
             y = batch["label"].to(device, non_blocking=True)
             if training and len(y) < 2:  # batch norm cannot train on one image (a last, ragged batch)
                 continue
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
                 logits = model(x)
                 loss = loss_fn(logits.float(), y)
@@ -161,9 +160,7 @@ def predict_batches(model: nn.Module, batches: Any, device: torch.device,
         for i, batch in enumerate(batches):
             if on_batch:
                 on_batch(i)
-            x = batch["image"].to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(x)
             probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
@@ -218,8 +215,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.load_state_dict(saved["model"])
         state, optimizer_state = LoopState(**saved["loop"]), saved["optimizer"]
     state.starts.append(state.epoch)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # Channels-last convolutions: faster on GPUs (tensor cores) and on CPUs too (oneDNN; measured 1.1x to
+    # 1.4x a training step of small_cnn and resnet18 at 48 to 64 px, docs/benchmarks.md).
+    model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     rank = ray.train.get_context().get_world_rank()
     if state.done and rank == 0:  # resumed after training, to predict: record this start too

@@ -17,7 +17,6 @@ beside the quality numbers against ground truth (``pipeline.evaluation.quality``
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -42,7 +41,7 @@ from pipeline.models.data import training_rows
 from pipeline.models.train_loop import TrainParams
 from pipeline.models.zoo import ARCHS
 from pipeline.stages.base import Resources, RunContext, Stage
-from pipeline.stages.train import Job, check_room, concurrency, fit, predicted_probs, use_gpu
+from pipeline.stages.train import Job, check_room, concurrency, fit_all, predicted_probs, use_gpu
 
 log = logging.getLogger("cropclean")
 
@@ -172,8 +171,7 @@ class EvaluateStage(Stage):
         resources, gpu = ray.cluster_resources(), use_gpu(cfg.train.use_gpu)
         check_room(cfg, resources, gpu)
         at_once = concurrency(cfg, len(plan.models), resources, gpu)
-        with ThreadPoolExecutor(max_workers=at_once) as pool:
-            results = list(pool.map(lambda m: fit(m.job, cfg, ctx, m.val_rows, stage=STAGE), plan.models))
+        results = fit_all([(m.job, m.val_rows) for m in plan.models], cfg, ctx, at_once, stage=STAGE)
 
         scores: list[dict[str, dict[str, float]]] = []
         for model in plan.models:

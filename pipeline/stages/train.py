@@ -23,7 +23,7 @@ import pandas as pd
 
 from pipeline import manifests, storage
 from pipeline.config import ConfigError, MemberConfig, RunConfig
-from pipeline.models.data import Augment, ray_dataset, training_rows
+from pipeline.models.data import Augment, decoded_bytes, ray_dataset, training_rows
 from pipeline.models.train_loop import TrainParams, predictions_dir, train_loop_per_worker
 from pipeline.models.zoo import ARCHS
 from pipeline.stages.base import Resources, RunContext, Stage
@@ -86,14 +86,82 @@ def make_jobs(cfg: RunConfig, rows: pd.DataFrame, classes: list[str]) -> list[Jo
     return jobs
 
 
+def finished_result(job: Job, ctx: RunContext, stage: str = "train") -> dict[str, Any] | None:
+    """The job's result when it finished in an earlier run with the same settings and data."""
+    done = storage.join(job.params.model_dir, "_COMPLETE.json")
+    if storage.exists(done):
+        finished = json.loads(storage.read_text(done))
+        if finished.get("key") == ctx.keys.get(stage, ""):
+            return finished["result"]
+    return None
+
+
+def augmentation(cfg: RunConfig) -> Augment:
+    t = cfg.train
+    return Augment(flip=t.augment_flip, crop_scale=(t.augment_crop_min, 1.0), color_jitter=t.augment_color)
+
+
+class DatasetCache:
+    """The Ray Datasets of several trainings, built before any of them starts.
+
+    Started while the cluster is idle, the decoding tasks run at once; started between trainings, they
+    wait for the CPUs that the running trainings' augmentation tasks hold (on 2 cores, 40 s and more per
+    model). The val set is one dataset per input size, shared by every model that selects on it.
+    ``budget`` bounds the bytes the prepared datasets keep decoded in the object store; beyond it, a
+    dataset is read afresh by its training, as without the cache.
+    """
+
+    def __init__(self, cfg: RunConfig, out: str, budget: int = 2**30) -> None:
+        self.cfg, self.out, self.budget = cfg, out, budget
+        self.shared: dict[tuple[int, int], Any] = {}
+
+    def dataset(self, rows: pd.DataFrame, size: int, augment: Augment | None, share: bool = False) -> Any:
+        t = self.cfg.train
+        key = (id(rows), size)
+        if share and key in self.shared:
+            return self.shared[key]
+        need = decoded_bytes(len(rows), size, augment)
+        ds = ray_dataset(rows, self.out, size, augment, t.batch_size, cache_bytes=self.budget, seed=t.seed)
+        if need <= self.budget:
+            self.budget -= need
+        if share:
+            self.shared[key] = ds
+        return ds
+
+    def job(self, job: Job, val_rows: pd.DataFrame) -> dict[str, Any]:
+        size = job.params.input_size
+        datasets = {
+            "train": self.dataset(job.train_rows, size, augmentation(self.cfg)),
+            "val": self.dataset(val_rows, size, None, share=True),
+        }
+        if not job.predict_rows.empty:
+            datasets["predict"] = self.dataset(job.predict_rows, size, None)
+        return datasets
+
+
+def fit_all(
+    jobs: list[tuple[Job, pd.DataFrame]], cfg: RunConfig, ctx: RunContext, at_once: int, stage: str = "train"
+) -> list[dict[str, Any]]:
+    """Train every (job, val rows) pair, ``at_once`` at a time, their datasets prepared first; returns
+    their results in order (those finished in an earlier run are not trained again)."""
+    cache = DatasetCache(cfg, ctx.out)
+    prepared = {i: cache.job(job, val) for i, (job, val) in enumerate(jobs)
+                if finished_result(job, ctx, stage) is None}  # fmt: skip
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
+        return list(pool.map(lambda i: fit(jobs[i][0], cfg, ctx, jobs[i][1], stage, prepared.get(i)),
+                             range(len(jobs))))  # fmt: skip
+
+
 def fit(
-    job: Job, cfg: RunConfig, ctx: RunContext, val_rows: pd.DataFrame, stage: str = "train"
-) -> dict[str, Any]:
+    job: Job, cfg: RunConfig, ctx: RunContext, val_rows: pd.DataFrame, stage: str = "train",
+    datasets: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Train one model with Ray Train and predict its rows; returns its best validation metrics and
     prediction throughput. The probabilities stay in ``predictions/`` under the model's folder.
 
     ``stage`` is the stage the model belongs to: its completion key marks the model finished, and names
     the model's Ray Train runs and fault-injection points (other stages, e.g. evaluate, train models too).
+    ``datasets``: the job's Ray Datasets when prepared beforehand (``DatasetCache``).
     """
     from ray.train import DataConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
@@ -101,22 +169,14 @@ def fit(
 
     t = cfg.train
     key = ctx.keys.get(stage, "")  # the stage's key: its settings and the data it reads
+    finished = finished_result(job, ctx, stage)
+    if finished is not None:
+        return finished
     done = storage.join(job.params.model_dir, "_COMPLETE.json")
-    if storage.exists(done):
-        finished = json.loads(storage.read_text(done))
-        if finished.get("key") == key:  # finished in an earlier run with the same settings and data
-            return finished["result"]
     run_name = start_model_dir(job, ctx.out, key, prefix="" if stage == "train" else f"{stage}-")
-    augment = Augment(flip=t.augment_flip, crop_scale=(t.augment_crop_min, 1.0), color_jitter=t.augment_color)
-    size = job.params.input_size
     params = asdict(job.params)
     params["kill_at_epochs"] = ctx.faults.kill_epochs(f"{stage}:{job.params.member}")
-    datasets = {
-        "train": ray_dataset(job.train_rows, ctx.out, size, augment, t.batch_size, seed=t.seed),
-        "val": ray_dataset(val_rows, ctx.out, size, None, t.batch_size),
-    }
-    if not job.predict_rows.empty:
-        datasets["predict"] = ray_dataset(job.predict_rows, ctx.out, size, None, t.batch_size)
+    datasets = datasets or DatasetCache(cfg, ctx.out).job(job, val_rows)
     start, started_at = time.perf_counter(), time.time()
     gpu = use_gpu(t.use_gpu)
     trainer = TorchTrainer(
@@ -235,6 +295,16 @@ def concurrency(cfg: RunConfig, jobs: int, resources: dict[str, float], gpu: boo
     """Trainings at once: as configured, else as many as the cluster's CPUs (or GPUs) hold."""
     t = cfg.train
     if t.concurrent_members:
+        held = t.concurrent_members * t.num_workers * t.cpus_per_worker
+        if not gpu and held + 1 > resources.get("CPU", 0):
+            # Every epoch's augmentation tasks need a whole CPU that no training worker holds: without
+            # one, all the trainings wait for them forever.
+            raise ConfigError(
+                f"train: train.concurrent_members {t.concurrent_members} trainings hold {held:g} CPUs "
+                f"(x train.num_workers x train.cpus_per_worker) and leave less than one of the cluster's "
+                f"{resources.get('CPU', 0):g} for their data tasks. Lower train.concurrent_members, or "
+                f"leave it unset to train as many at once as fit."
+            )
         return t.concurrent_members
     if gpu:
         slots = resources.get("GPU", 0) // t.num_workers
@@ -265,8 +335,7 @@ class TrainStage(Stage):
         resources, gpu = ray.cluster_resources(), use_gpu(cfg.train.use_gpu)
         check_room(cfg, resources, gpu)
         at_once = concurrency(cfg, len(jobs), resources, gpu)
-        with ThreadPoolExecutor(max_workers=at_once) as pool:
-            results = list(pool.map(lambda j: fit(j, cfg, ctx, val_rows), jobs))
+        results = fit_all([(job, val_rows) for job in jobs], cfg, ctx, at_once)
         frames = [prediction_rows(job, predicted_probs(job), classes) for job in jobs]
         manifests.write_manifest(
             "predictions", pd.concat(frames, ignore_index=True), ctx.manifest("predictions")
