@@ -327,6 +327,9 @@ class EvaluateConfig(_Section):
         description="Classifier outside the ensemble (Table IV): an architecture no member has.",
     )
     epochs: int | None = Field(None, ge=1, description="Its training epochs; default: train.finetune_epochs.")
+    augment_crop_min: float | None = Field(
+        None, gt=0, le=1, description="Its random resized crops' least area; default: train.augment_crop_min."
+    )
     retrain: bool = Field(True, description="Also train it on the cropped, de-blacklisted train split.")
     cleanlab: bool = Field(True, description="Compare the blacklist with cleanlab's find_label_issues.")
 

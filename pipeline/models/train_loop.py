@@ -197,21 +197,49 @@ def _maybe_die(p: TrainParams, epoch: int, batch: int) -> None:
         os._exit(137)
 
 
+def part_marker(model_dir: str, rank: int) -> str:
+    """Written by each worker once its part (training and prediction) is finished."""
+    return storage.join(model_dir, f"_PART_DONE-rank-{rank}.json")
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point (``TorchTrainer(train_loop_per_worker=...)``)."""
+    """Ray Train entry point (``TorchTrainer(train_loop_per_worker=...)``).
+
+    ``config["parts"]``: the models this run trains, one after another (each a dict of ``params`` and
+    the names of its ``train``, ``val`` and ``predict`` datasets, ``predict`` None when it has none): a
+    training slot pays the worker group's start-up once for all of them. A restarted worker skips the
+    parts it finished and resumes the one the last checkpoint belongs to.
+    """
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    checkpoint = ray.train.get_checkpoint()
+    saved = None
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+    for part in config["parts"]:
+        p = TrainParams(**part["params"])
+        if storage.exists(part_marker(p.model_dir, rank)):
+            continue
+        mine = saved is not None and saved.get("model_dir") == p.model_dir
+        started_at = time.time()
+        train_part(p, part, saved if mine else None, rank)
+        finished = {"started_at": round(started_at, 2), "finished_at": round(time.time(), 2)}
+        storage.write_text_atomic(part_marker(p.model_dir, rank), json.dumps(finished))
+
+
+def train_part(p: TrainParams, part: dict[str, Any], saved: dict[str, Any] | None, rank: int) -> None:
+    """Train one model (resuming from ``saved``, its last checkpoint, when given) and predict."""
     import ray.train
     import ray.train.torch
 
-    p = TrainParams(**config["params"])
     torch.manual_seed(p.seed)
     torch.set_num_threads(p.threads)
     device = ray.train.torch.get_device()
     model = build_model(p.arch, p.classes, head=p.head, weights=p.weights, input_size=p.input_size)
     state, optimizer_state = LoopState(), None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+    if saved is not None:
         model.load_state_dict(saved["model"])
         state, optimizer_state = LoopState(**saved["loop"]), saved["optimizer"]
     state.starts.append(state.epoch)
@@ -219,10 +247,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # 1.4x a training step of small_cnn and resnet18 at 48 to 64 px, docs/benchmarks.md).
     model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
-    rank = ray.train.get_context().get_world_rank()
     if state.done and rank == 0:  # resumed after training, to predict: record this start too
         write_history(p, state)
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    train_shard = ray.train.get_dataset_shard(part["train"])
+    val_shard = ray.train.get_dataset_shard(part["val"])
 
     optimizer, phase = None, None
     for epoch in range(state.epoch, p.epochs if not state.done else state.epoch):
@@ -274,24 +302,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
-                saved = {
+                snapshot = {
+                    "model_dir": p.model_dir,  # which part of the run this checkpoint belongs to
                     "model": inner.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "loop": asdict(state),
                 }
-                torch.save(saved, os.path.join(d, "state.pt"))
+                torch.save(snapshot, os.path.join(d, "state.pt"))
                 write_history(p, state)
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report({**record, "stopped_early": stop}, checkpoint=ckpt)
         if stop:
             break
 
-    if config.get("predict"):  # the trainer was given a "predict" dataset
-        predict_shard = ray.train.get_dataset_shard("predict")
+    if part.get("predict"):  # the model has rows to predict
+        predict_shard = ray.train.get_dataset_shard(part["predict"])
         inner = model.module if hasattr(model, "module") else model
-        saved = torch.load(io.BytesIO(storage.read_bytes(storage.join(p.model_dir, "best.pt"))),
-                           map_location="cpu", weights_only=False)  # fmt: skip
-        inner.load_state_dict(saved["model"])
+        best = torch.load(io.BytesIO(storage.read_bytes(storage.join(p.model_dir, "best.pt"))),
+                          map_location="cpu", weights_only=False)  # fmt: skip
+        inner.load_state_dict(best["model"])
         start = time.perf_counter()
         batches = predict_shard.iter_torch_batches(batch_size=p.batch_size)
         rows, probs = predict_batches(inner, batches, device, on_batch=lambda i: _maybe_die(p, p.epochs, i))

@@ -41,7 +41,15 @@ from pipeline.models.data import training_rows
 from pipeline.models.train_loop import TrainParams
 from pipeline.models.zoo import ARCHS
 from pipeline.stages.base import Resources, RunContext, Stage
-from pipeline.stages.train import Job, check_room, concurrency, fit_all, predicted_probs, use_gpu
+from pipeline.stages.train import (
+    Job,
+    augmentation,
+    check_room,
+    concurrency,
+    fit_all,
+    predicted_probs,
+    use_gpu,
+)
 
 log = logging.getLogger("cropclean")
 
@@ -171,7 +179,8 @@ class EvaluateStage(Stage):
         resources, gpu = ray.cluster_resources(), use_gpu(cfg.train.use_gpu)
         check_room(cfg, resources, gpu)
         at_once = concurrency(cfg, len(plan.models), resources, gpu)
-        results = fit_all([(m.job, m.val_rows) for m in plan.models], cfg, ctx, at_once, stage=STAGE)
+        augment = augmentation(cfg, cfg.evaluate.augment_crop_min)
+        results = fit_all([(m.job, m.val_rows) for m in plan.models], cfg, ctx, at_once, STAGE, augment)
 
         scores: list[dict[str, dict[str, float]]] = []
         for model in plan.models:
