@@ -206,9 +206,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point (``TorchTrainer(train_loop_per_worker=...)``).
 
     ``config["parts"]``: the models this run trains, one after another (each a dict of ``params`` and
-    the names of its ``train``, ``val`` and ``predict`` datasets, ``predict`` None when it has none): a
-    training slot pays the worker group's start-up once for all of them. A restarted worker skips the
-    parts it finished and resumes the one the last checkpoint belongs to.
+    the names of its ``train``, ``val`` and ``predict`` datasets, ``predict`` None when it has none), so
+    that the worker group's start-up is paid once for all of them (a member's full-data and fold
+    models). A restarted worker skips the parts it finished and resumes the one the last checkpoint
+    belongs to.
     """
     import ray.train
 

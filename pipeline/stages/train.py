@@ -163,25 +163,25 @@ def fit_all(
             results[i] = finished
     cache = DatasetCache(cfg, ctx.out, augment)
     prepared = {i: cache.job(*jobs[i]) for i in todo}
-    slots: dict[str, list[int]] = {}
+    members: dict[str, list[int]] = {}
     for i in todo:
-        slots.setdefault(jobs[i][0].params.member, []).append(i)
+        members.setdefault(jobs[i][0].params.member, []).append(i)
     with ThreadPoolExecutor(max_workers=max(1, at_once)) as pool:
         done = pool.map(
-            lambda slot: fit_slot([(jobs[i][0], prepared[i]) for i in slot], cfg, ctx, stage),
-            slots.values(),
+            lambda own: fit_member([(jobs[i][0], prepared[i]) for i in own], cfg, ctx, stage),
+            members.values(),
         )
-        for slot, slot_results in zip(slots.values(), list(done), strict=True):
-            results.update(zip(slot, slot_results, strict=True))
+        for own, own_results in zip(members.values(), list(done), strict=True):
+            results.update(zip(own, own_results, strict=True))
     return [results[i] for i in range(len(jobs))]
 
 
-def fit_slot(
+def fit_member(
     jobs: list[tuple[Job, dict[str, Any]]], cfg: RunConfig, ctx: RunContext, stage: str = "train"
 ) -> list[dict[str, Any]]:
-    """Train these jobs (one member's; each with its Ray Datasets: train, val, maybe predict) in one
-    Ray Train run, one after another, and predict their rows; returns each one's best validation metrics and
-    throughput. The probabilities stay in ``predictions/`` under each model's folder.
+    """Train one member's jobs (each with its Ray Datasets: train, val, maybe predict) one after
+    another in one Ray Train run, and predict their rows; returns each one's best validation metrics
+    and throughput. The probabilities stay in ``predictions/`` under each model's folder.
 
     ``stage`` is the stage the models belong to: its completion key marks a model finished, and names
     the Ray Train run and the fault-injection points (other stages, e.g. evaluate, train models too).
@@ -271,7 +271,7 @@ def start_model_dir(job: Job, out: str, key: str, prefix: str = "") -> str:
         for uri in storage.list_files(model_dir):
             storage.remove(uri)
         storage.remove(predictions_dir(model_dir))
-        if previous is not None:  # its Ray Train run, alone or as the first of its member's (fit_slot)
+        if previous is not None:  # its Ray Train run, alone or as the first of its member's (fit_member)
             runs = storage.join(out, "models", "_ray")
             storage.remove(storage.join(runs, f"{base}-{previous}"))
             fs, path = storage.get_fs(runs)
