@@ -7,7 +7,7 @@ def is_weights_file(weights: str) -> bool:
 
 
 # Smallest training input side that still leaves a feature map (torchvision's models: 32).
-MIN_INPUT_SIZE = {"inception_v3": 75, "small_cnn": 8}
+MIN_INPUT_SIZE = {"inception_v3": 75, "small_cnn": 8, "small_resnet": 8}
 
 
 def min_input_size(arch: str) -> int:

@@ -19,7 +19,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from pipeline import storage
-from pipeline.models import is_weights_file, min_input_size
+from pipeline.models import is_weights_file, min_input_size, small_resnet
 from pipeline.models.small_cnn import WIDTHS, SmallCNN
 
 
@@ -73,6 +73,7 @@ ARCHS: dict[str, Arch] = {
         Arch("regnet_y_400mf", 440, 224, lambda m: nn.Sequential(m.stem, m.trunk_output)),
         Arch("convnext_tiny", 768, 224, lambda m: m.features, _convnext_norm),
         Arch("small_cnn", WIDTHS[-1], 48, lambda m: m.features, stride=8),  # ours: CPU runs, random init
+        Arch("small_resnet", small_resnet.WIDTHS[-1], 48, lambda m: m.features, stride=8),  # ours, likewise
     ]
 }
 
@@ -111,10 +112,12 @@ class Classifier(nn.Module):
 
 
 def _base_model(arch: str, weights: str | None) -> nn.Module:
-    """The architecture's own model (torchvision's, or ours for small_cnn), with weights loaded."""
-    if arch == "small_cnn" and weights is not None and not is_weights_file(weights):
-        raise ModelError(f"small_cnn has no published weights ({weights!r}); pass a file, or none")
-    ctor = SmallCNN if arch == "small_cnn" else getattr(tvm, arch)
+    """The architecture's own model (torchvision's, or ours for small_cnn and small_resnet), with weights
+    loaded."""
+    ours = {"small_cnn": SmallCNN, "small_resnet": small_resnet.SmallResNet}
+    if arch in ours and weights is not None and not is_weights_file(weights):
+        raise ModelError(f"{arch} has no published weights ({weights!r}); pass a file, or none")
+    ctor = ours.get(arch) or getattr(tvm, arch)
     extra = {"aux_logits": False, "init_weights": False} if arch == "inception_v3" else {}
     if weights is None:
         return ctor(weights=None, **extra)
