@@ -115,7 +115,7 @@ def test_crops_raise_the_outside_classifier_and_the_cleaned_dataset_raises_it_mo
 def test_clean_prints_the_headline_numbers(demo_run):
     _, metrics, printed = demo_run
     ev = metrics["evaluation"]
-    assert "Table IV: resnet18 outside the ensemble" in printed
+    assert "Table IV: small_resnet outside the ensemble" in printed
     assert f"{100 * ev['top1_original']:5.1f}%" in printed
     assert "blacklist vs ground truth" in printed and "cleanlab find_label_issues (out_of_fold)" in printed
     assert "fcn_ensemble region     label-driven" in printed
