@@ -1,6 +1,6 @@
 """``cropclean clean`` on the demo's data with the cpu-small preset, end to end on local Ray, scored
 against the generated ground truth: the ensemble's accuracy, the crops, the blacklist against cleanlab,
-and the paper's Table IV with a classifier outside the ensemble. One run (about 18 minutes on 2 cores)
+and the paper's Table IV with a classifier outside the ensemble. One run (about 7.5 minutes on 2 cores)
 serves every test here."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 
 from pipeline import manifests
 
-# The module's first test also runs the shared fixture: the whole demo, about 18 minutes on 2 cores.
-pytestmark = pytest.mark.timeout(2400)
+# The module's first test also runs the shared fixture: the whole demo, about 7.5 minutes on 2 cores.
+pytestmark = pytest.mark.timeout(1500)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_crops_hold_the_object_without_taking_the_whole_image(demo_run):
     crops = metrics["evaluation"]["quality"]["crops"]
     method = crops["fcn_ensemble"]["label"]["region"]
     assert method["images"] > 400 and method["no_box_share"] == 0
-    # Measured: 0.84 at 0.27 of the image.
+    # Measured: 0.84 at 0.27 of the image; 0.85 at 0.29 (small_resnet outside, 2026-12-01).
     assert method["share_containment_ge_80"] >= 0.7, method
     assert method["mean_area_fraction"] <= 0.5, method
     # Localization beats zoom alone: the centre crop of the same size holds far less.
@@ -94,7 +94,8 @@ def test_blacklist_finds_label_errors_at_least_as_well_as_cleanlab(demo_run):
     train = q["blacklist"]["train"]
     assert cleanlab["predictions"] == "out_of_fold" and cleanlab["images"] == train["images"]
     assert train["mislabeled"] >= 25
-    # Measured: ours P 0.28 R 0.42 F1 0.34; cleanlab P 0.13 R 0.64 F1 0.21.
+    # Measured: ours P 0.28 R 0.42 F1 0.34; cleanlab P 0.13 R 0.64 F1 0.21. Later: ours 0.25 / 0.39 /
+    # 0.31 against cleanlab 0.12 / 0.61 / 0.20.
     assert ours["f1"] >= cleanlab["f1"], (ours, cleanlab)
     assert ours["precision"] > 0.15 and ours["recall"] > 0.2, ours
 
@@ -106,7 +107,8 @@ def test_crops_raise_the_outside_classifier_and_the_cleaned_dataset_raises_it_mo
     ev = metrics["evaluation"]
     assert ev["outside_arch"] not in {"small_cnn"}
     gain = ev["top1_cropped_label_free"] - ev["top1_original"]
-    # Measured: 0.145 -> 0.275 (label-free), 0.572 retrained.
+    # Measured with resnet18 at 48 px: 0.145 -> 0.275 (label-free), 0.572 retrained, but also +0.029 and
+    # +0.007 (near chance on the originals); with small_resnet: 0.268 -> 0.428, 0.558 retrained.
     assert gain >= 0.03, ev
     assert ev["top1_cropped_retrained"] > ev["top1_cropped_label_free"], ev
     assert (out / "cropped" / "train").is_dir() and (out / "manifests" / "blacklist.parquet").exists()
