@@ -1,8 +1,9 @@
 """Convolutionalization (seed 000): a zoo classifier turned into a fully convolutional net.
 
-The trunk computes what it did (its eval-mode batch norms folded into the convolutions, for speed;
-the layers stay). The global average pool becomes an average pool with kernel D (the side of
-the trunk's feature map at the training input side W) and stride 1, and every layer of the head
+The trunk computes what it did, its eval-mode batch norms folded into the convolutions before them
+(for speed; a copy, so the classifier keeps its own). The global average pool becomes an average pool
+with kernel D (the side of the trunk's feature map at the training input side W) and stride 1, and
+every layer of the head
 becomes its per-location twin: a linear layer a 1x1 convolution with the same weights, batch norm 1-d
 a batch norm 2-d with the same statistics, a layer norm over features a layer norm over channels.
 Dropout and activations stay. At input side W the net gives one cell, equal to the classifier's
@@ -160,8 +161,8 @@ class FCN(nn.Module):
         self.geometry = Geometry(window=window, stride=ARCHS[model.arch].stride, pool=int(pool.shape[-1]))
         self.pool = nn.AvgPool2d(self.geometry.pool, stride=1)
         self.trunk = inference_trunk(self.trunk)
-        # Channels-last: on CPU the pyramid's convolutions and max pools run about 1.8x faster so
-        # (bench/fcn.py); on GPU it is the layout tensor cores want.
+        # Channels-last: on CPU the pyramid's convolutions and max pools run about 1.4x to 1.8x faster
+        # so (docs/benchmarks.md, the demo's stage times); on GPU it is the layout tensor cores want.
         self.to(memory_format=torch.channels_last)
         self.eval()
 
