@@ -3,9 +3,9 @@
 The trunk computes what it did, its eval-mode batch norms folded into the convolutions before them
 (for speed; a copy, so the classifier keeps its own). The global average pool becomes an average pool
 with kernel D (the side of the trunk's feature map at the training input side W) and stride 1, and
-every layer of the head
-becomes its per-location twin: a linear layer a 1x1 convolution with the same weights, batch norm 1-d
-a batch norm 2-d with the same statistics, a layer norm over features a layer norm over channels.
+every layer of the head becomes its per-location twin: a linear layer a 1x1 convolution with the same
+weights, batch norm 1-d a batch norm 2-d with the same statistics, a layer norm over features a layer
+norm over channels.
 Dropout and activations stay. At input side W the net gives one cell, equal to the classifier's
 output; on a larger image it gives a map of cells, each the classifier applied to one W x W window,
 the windows ``stride`` pixels apart (``Geometry``).
