@@ -124,7 +124,15 @@ def test_out_of_fold_predictions_cover_every_train_image_once_per_member(tiny_ru
     out = tmp_path / "run"
     shutil.copytree(tiny_run, out)
     shutil.copytree(tiny_run.parent / "data", tmp_path / "data")
-    run_train(out, "train.folds=2", "train.finetune_epochs=0")
+    # The member's three models train one after another in one Ray Train run, and each one's worker
+    # dies once in its second epoch (batches of 4: every fold has a second batch to die in).
+    kill = FaultPlan(kills=frozenset({("train:resnet18", 1)}))
+    run_train(out, "train.folds=2", "train.finetune_epochs=1", "train.batch_size=4", faults=kill)
+    member = out / "models" / "resnet18"
+    for model_dir in (member, member / "fold-0", member / "fold-1"):
+        assert (model_dir / "_killed_in_epoch_1").exists()
+        # Resumed where it died; and one finished before a later model died was not trained again.
+        assert json.loads((model_dir / "history.json").read_text())["starts"] == [0, 1], model_dir
     images = manifests.read_manifest("images", str(out / "manifests" / "images.parquet"))
     preds = manifests.read_manifest("predictions", str(out / "manifests" / "predictions.parquet"))
     train_ids = set(images.loc[(images["status"] == "ok") & (images["split"] == "train"), "image_id"])

@@ -22,20 +22,32 @@ def _block(cin: int, cout: int, pool: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class SmallCNN(nn.Module):
-    """Four blocks (2x2 max pool from the second on, then conv-bn-relu) of 32, 64, 128, 256 channels."""
+class PooledNet(nn.Module):
+    """Our CPU architectures' common shape, torchvision's: ``features`` (the trunk), global average
+    pooling, a linear ``classifier``; convolutions He-initialized. No pretrained weights exist."""
 
-    def __init__(self, num_classes: int = 1000, weights: None = None) -> None:
+    name = "pooled_net"
+
+    def __init__(self, features: nn.Module, width: int, num_classes: int, weights: None = None) -> None:
         if weights is not None:  # the torchvision constructors' keyword, kept for a uniform call
-            raise ValueError("small_cnn has no published weights")
+            raise ValueError(f"{self.name} has no published weights")
         super().__init__()
-        ins = (3, *WIDTHS[:-1])
-        blocks = [_block(i, o, pool=n > 0) for n, (i, o) in enumerate(zip(ins, WIDTHS, strict=True))]
-        self.features = nn.Sequential(*blocks)
-        self.classifier = nn.Linear(WIDTHS[-1], num_classes)
+        self.features = features
+        self.classifier = nn.Linear(width, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(nn.functional.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+class SmallCNN(PooledNet):
+    """Four blocks (2x2 max pool from the second on, then conv-bn-relu) of 32, 64, 128, 256 channels."""
+
+    name = "small_cnn"
+
+    def __init__(self, num_classes: int = 1000, weights: None = None) -> None:
+        ins = (3, *WIDTHS[:-1])
+        blocks = [_block(i, o, pool=n > 0) for n, (i, o) in enumerate(zip(ins, WIDTHS, strict=True))]
+        super().__init__(nn.Sequential(*blocks), WIDTHS[-1], num_classes, weights)

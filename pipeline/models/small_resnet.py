@@ -18,6 +18,8 @@ import itertools
 import torch
 from torch import nn
 
+from pipeline.models.small_cnn import PooledNet
+
 WIDTHS = (32, 64, 128, 256)  # stem, then one residual block per width
 
 
@@ -39,20 +41,12 @@ class BasicBlock(nn.Module):
         return self.relu(self.body(x) + self.shortcut(x))
 
 
-class SmallResNet(nn.Module):
+class SmallResNet(PooledNet):
     """A 3x3 stem of 32 channels at full resolution, then residual blocks of 64, 128, 256 at stride 2."""
 
+    name = "small_resnet"
+
     def __init__(self, num_classes: int = 1000, weights: None = None) -> None:
-        if weights is not None:  # the torchvision constructors' keyword, kept for a uniform call
-            raise ValueError("small_resnet has no published weights")
-        super().__init__()
         stem = nn.Sequential(*_conv_bn(3, WIDTHS[0]), nn.ReLU(inplace=True))
         blocks = [BasicBlock(i, o, stride=2) for i, o in itertools.pairwise(WIDTHS)]
-        self.features = nn.Sequential(stem, *blocks)
-        self.classifier = nn.Linear(WIDTHS[-1], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(nn.functional.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+        super().__init__(nn.Sequential(stem, *blocks), WIDTHS[-1], num_classes, weights)

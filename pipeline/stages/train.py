@@ -222,7 +222,8 @@ def fit_member(
         run_config=TrainRunConfig(
             name=run_name,
             storage_path=local_path(storage.join(ctx.out, "models", "_ray")),
-            failure_config=FailureConfig(max_failures=t.max_failures),
+            # The run trains several models: each one keeps the failures a training survives.
+            failure_config=FailureConfig(max_failures=t.max_failures * len(jobs)),
         ),
         datasets=datasets,
         # One worker iterates its datasets itself; splitting costs a coordinator actor's start-up.
@@ -379,7 +380,7 @@ class TrainStage(Stage):
 
         resources, gpu = ray.cluster_resources(), use_gpu(cfg.train.use_gpu)
         check_room(cfg, resources, gpu)
-        at_once = concurrency(cfg, len(jobs), resources, gpu)
+        at_once = concurrency(cfg, len({j.params.member for j in jobs}), resources, gpu)  # one run a member
         results = fit_all([(job, val_rows) for job in jobs], cfg, ctx, at_once)
         frames = [prediction_rows(job, predicted_probs(job), classes) for job in jobs]
         manifests.write_manifest(
