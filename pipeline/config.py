@@ -222,7 +222,10 @@ class TrainConfig(_Section):
         "all", description="Pass 2 unfreezes all, or a block per epoch."
     )
     patience: int = Field(
-        3, ge=1, description="Stop pass 2 after this many epochs without a better val top-1."
+        3, ge=1, description="Stop pass 2 after this many epochs without a better val score (select_by)."
+    )
+    select_by: Literal["top1", "loss"] = Field(
+        "top1", description="The val number that picks a model's weights: top-1 (ties: lower loss), or loss."
     )
     augment_flip: bool = True
     augment_crop_min: float = Field(
@@ -329,6 +332,11 @@ class EvaluateConfig(_Section):
     epochs: int | None = Field(None, ge=1, description="Its training epochs; default: train.finetune_epochs.")
     augment_crop_min: float | None = Field(
         None, gt=0, le=1, description="Its random resized crops' least area; default: train.augment_crop_min."
+    )
+    # Loss, not top-1: over a few dozen val images top-1 moves in steps of several points, and an early,
+    # near-chance epoch can win it (docs/cropping.md); the loss sees every image's probability.
+    select_by: Literal["top1", "loss"] = Field(
+        "loss", description="The val number that picks its weights (and the retrained one's): loss or top-1."
     )
     retrain: bool = Field(True, description="Also train it on the cropped, de-blacklisted train split.")
     cleanlab: bool = Field(True, description="Compare the blacklist with cleanlab's find_label_issues.")

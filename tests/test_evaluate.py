@@ -178,6 +178,11 @@ def test_table_iv_on_oracle_crops(oracle_run):
     assert (out / "models" / "_evaluate" / "outside-retrained" / "best.pt").exists()
     n_val = int(((images["status"] == "ok") & (images["split"] == "val")).sum())
     assert ev["models"]["outside"]["val_images"] == n_val
+    # Its weights are the epoch of least val loss (evaluate.select_by's default), not of best top-1.
+    for name in ("outside", "outside-retrained"):
+        history = json.loads((out / "models" / "_evaluate" / name / "history.json").read_text())["history"]
+        least = min(history, key=lambda r: (r["val_loss"], -r["val_top1"]))
+        assert ev["models"][name]["best_epoch"] == least["epoch"], history
     print(format_evaluation(ev), f"\n{seconds:.1f} s")
     # small_cnn at 64 px, two runs: 0.357 / 0.554 / 0.982 and 0.50 original / 0.964 retrained.
     # resnet18 at 48 px (56 test images, 5 classes, chance 0.2; training is not bit-reproducible across

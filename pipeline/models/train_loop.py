@@ -2,7 +2,8 @@
 
 Pass 1 trains the head with the trunk frozen; pass 2 unfreezes the trunk (all at once, or one more top
 block per epoch) at a lower learning rate. After every epoch the loop evaluates on the validation split
-only, keeps the best weights by validation top-1 (ties: lower loss), reports metrics and a checkpoint
+only, keeps the best weights by validation top-1 (ties: lower loss) or, with ``select_by="loss"``, by
+validation loss (ties: higher top-1), reports metrics and a checkpoint
 to Ray Train, and stops early when validation stops improving. A restarted worker resumes from the last
 reported checkpoint, not from scratch. Once training is done, each worker predicts its share of the
 ``predict`` dataset with the best weights (no second start-up, and on the worker's GPU when it has one).
@@ -48,6 +49,7 @@ class TrainParams:
     schedule: str = "cosine"  # cosine | constant
     unfreeze: str = "all"  # all | blocks
     patience: int = 3
+    select_by: str = "top1"  # top1 | loss: what "best on validation" means
     seed: int = 0
     threads: int = 1  # torch threads on CPU
     # Fault injection: the worker process dies once in the middle of each of these epochs (epoch
@@ -103,6 +105,14 @@ def epoch_lr(p: TrainParams, epoch: int) -> float:
 
 def make_optimizer(params: list[nn.Parameter], p: TrainParams, epoch: int) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=epoch_lr(p, epoch), weight_decay=p.weight_decay)
+
+
+def better(val: dict[str, float], state: LoopState, select_by: str) -> bool:
+    """Whether this epoch's validation numbers beat the best so far under ``select_by``."""
+    top1, loss = (val["top1"], state.best_top1), (val["loss"], state.best_loss)
+    if select_by == "loss":
+        return loss[0] < loss[1] or (loss[0] == loss[1] and top1[0] > top1[1])
+    return top1[0] > top1[1] or (top1[0] == top1[1] and loss[0] < loss[1])
 
 
 def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
@@ -274,9 +284,7 @@ def train_part(p: TrainParams, part: dict[str, Any], saved: dict[str, Any] | Non
         t1 = time.perf_counter()
         val = run_epoch(model, val_shard.iter_torch_batches(batch_size=p.batch_size), device, None)
         t2 = time.perf_counter()
-        improved = val["top1"] > state.best_top1 or (
-            val["top1"] == state.best_top1 and val["loss"] < state.best_loss
-        )
+        improved = better(val, state, p.select_by)
         inner = model.module if hasattr(model, "module") else model
         if improved:
             state.best_top1, state.best_loss, state.best_epoch, state.since_best = (

@@ -2,12 +2,13 @@
 
 The outside classifier (``evaluate.member``: an architecture no member has) trains on the train split's
 original images with the ensemble's training machinery and settings (Ray Train, the same augmentation),
-selects its weights on the val originals, and in the same run predicts every evaluation set of the test
-split at once: the originals and, per localizer in ``crops.parquet`` (the configured method and the
-baselines), the label-free and the label-driven crops, all squashed to the same input size. With
-``evaluate.retrain`` the same architecture trains again on the cleaned dataset, the method's label-driven
-crops of train without the blacklisted images (selected on val's crops, also without them), and is
-scored on the label-free crops of test. The test split never chooses anything.
+selects its weights on the val originals (by val loss unless ``evaluate.select_by`` says top-1), and in
+the same run predicts every evaluation set of the test split at once: the originals and, per localizer
+in ``crops.parquet`` (the configured method and the baselines), the label-free and the label-driven
+crops, all squashed to the same input size. With ``evaluate.retrain`` the same architecture trains again
+on the cleaned dataset, the method's label-driven crops of train without the blacklisted images
+(selected on val's crops, also without them), and is scored on the label-free crops of test. The test
+split never chooses anything.
 
 Models go to ``OUT/models/_evaluate/<name>/`` and ``<name>-retrained/``, apart from the ensemble's, and
 are marked finished with this stage's key. Numbers go to the ``evaluation`` section of metrics.json,
@@ -72,15 +73,17 @@ def models_dir(out: str, name: str) -> str:
 
 
 def outside_params(cfg: RunConfig, name: str, classes: int) -> TrainParams:
-    """The outside classifier's training settings: its own architecture, everything else as the ensemble
-    trains (epochs: ``evaluate.epochs``, default ``train.finetune_epochs``)."""
+    """The outside classifier's training settings: its own architecture and selection rule
+    (``evaluate.select_by``), everything else as the ensemble trains (epochs: ``evaluate.epochs``,
+    default ``train.finetune_epochs``)."""
     t, m = cfg.train, cfg.evaluate.member
     return TrainParams(
         member=name, arch=m.arch, classes=classes, model_dir=models_dir(cfg.out, name), head=m.head,
         weights=m.weights, input_size=m.input_size or ARCHS[m.arch].default_size, batch_size=t.batch_size,
         head_epochs=t.head_epochs, finetune_epochs=cfg.evaluate.epochs or t.finetune_epochs,
         lr_head=t.lr_head, lr_finetune=t.lr_finetune, weight_decay=t.weight_decay, schedule=t.schedule,
-        unfreeze=t.unfreeze, patience=t.patience, seed=t.seed, threads=max(1, int(t.cpus_per_worker)),
+        unfreeze=t.unfreeze, patience=t.patience, select_by=cfg.evaluate.select_by, seed=t.seed,
+        threads=max(1, int(t.cpus_per_worker)),
     )  # fmt: skip
 
 

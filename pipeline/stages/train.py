@@ -74,7 +74,8 @@ def make_jobs(cfg: RunConfig, rows: pd.DataFrame, classes: list[str]) -> list[Jo
                 input_size=m.input_size or ARCHS[m.arch].default_size, batch_size=t.batch_size,
                 head_epochs=t.head_epochs, finetune_epochs=t.finetune_epochs, lr_head=t.lr_head,
                 lr_finetune=t.lr_finetune, weight_decay=t.weight_decay, schedule=t.schedule,
-                unfreeze=t.unfreeze, patience=t.patience, seed=t.seed, threads=max(1, int(t.cpus_per_worker)),
+                unfreeze=t.unfreeze, patience=t.patience, select_by=t.select_by, seed=t.seed,
+                threads=max(1, int(t.cpus_per_worker)),
             )  # fmt: skip
             if fold is None:
                 # Without cross-fitting, the full model also labels train images (in-sample).
