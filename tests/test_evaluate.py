@@ -195,6 +195,7 @@ def test_table_iv_on_oracle_crops(oracle_run):
     assert ev["top1_cropped_label_driven"] >= ev["top1_original"] + 0.1
     assert ev["top1_cropped_retrained"] >= ev["top1_cropped_label_driven"] + 0.1
     assert "Table IV" in format_evaluation({"evaluation": ev})
+    assert ev["select_by"] == "loss" and "(weights: least val loss)" in format_evaluation(ev)
 
     again = run_stages(cfg, [*ingest_stages(), TrainStage(), EvaluateStage()])
     assert again.ran == []  # resume: everything was finished

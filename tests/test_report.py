@@ -1,9 +1,9 @@
-"""The HTML report in a real headless Chromium (Debian's, driven by Playwright), on a tiny real run.
+"""The HTML report in a real headless Chromium (Debian's, driven by Playwright), on the demo's real run.
 
-One ``cropclean clean`` run (tiny config, 4 classes x 20 images) builds the report as its last stage;
-``cropclean report OUT --per-page 8`` then rebuilds it with small pages so that pagination is walked.
-Pages are served by a loopback ``http.server`` (as a user would serve the folder), every request the
-browser makes is watched, and screenshots land in ``test-artifacts/``.
+The demo's ``cropclean clean`` run (conftest's ``demo_run``: 8 classes x 60 images) builds the report as
+its last stage; ``cropclean report OUT --per-page 32`` then rebuilds it with smaller pages so that
+pagination is walked. Pages are served by a loopback ``http.server`` (as a user would serve the folder),
+every request the browser makes is watched, and screenshots land in ``test-artifacts/``.
 """
 
 from __future__ import annotations
@@ -22,28 +22,20 @@ import pytest
 from pipeline import manifests
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-PER_PAGE = 8
-TINY = ["train.members=[{arch: small_cnn, input_size: 32, name: tiny}]", "train.head_epochs=0",
-        "train.finetune_epochs=1", "train.folds=0", "crop.baselines=[centre]", "evaluate.retrain=false",
-        "evaluate.member={arch: small_cnn, name: outside, input_size: 32}", "evaluate.epochs=1"]  # fmt: skip
+PER_PAGE = 32  # the demo's classes have about 63 crops each: two or three pages per class
+# The first test also waits for the shared demo run (about 7.5 minutes on 2 cores) when it runs first.
+pytestmark = pytest.mark.timeout(1500)
 
 
 @pytest.fixture(scope="module")
-def run(ray_local, tmp_path_factory):
+def run(demo_run):
     from pipeline.cli import main
-    from pipeline.synth import synthesize
 
-    root = tmp_path_factory.mktemp("report")
-    data, out = root / "data", root / "run"
-    synthesize(str(data), classes=4, per_class=20, seed=3)
-    stdout, stderr = io.StringIO(), io.StringIO()
-    sets = [a for s in TINY for a in ("--set", s)]
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        assert main(["clean", str(data), "--out", str(out), "--preset", "cpu-small", *sets]) == 0
+    out = demo_run.out
     built_by_clean = (out / "report" / "index.html").is_file()
     with contextlib.redirect_stdout(io.StringIO()) as again:
         assert main(["report", str(out), "--per-page", str(PER_PAGE)]) == 0
-    return out, stdout.getvalue(), stderr.getvalue(), built_by_clean, again.getvalue()
+    return out, demo_run.stdout, demo_run.stderr, built_by_clean, again.getvalue()
 
 
 @pytest.fixture(scope="module")

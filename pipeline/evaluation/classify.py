@@ -25,6 +25,8 @@ ORIGINAL = "original"
 TARGETS = {"predicted": "label_free", "label": "label_driven"}
 # Localizers that are the whole image by definition: scoring them again would only repeat "original".
 WHOLE_IMAGE_METHODS = ("none",)
+# evaluate.select_by -> how the headline says which weights were scored.
+SELECTED = {"loss": " (weights: least val loss)", "top1": " (weights: best val top-1)"}
 
 
 def set_name(method: str, target: str) -> str:
@@ -145,9 +147,10 @@ def format_evaluation(metrics: dict[str, Any]) -> str:
                              fallback.get(f"{base}/{target}")))  # fmt: skip
     width = max(len(r[0]) for r in rows)
     size = f", {m['input_size']} px" if m.get("input_size") else ""
+    picked = SELECTED.get(m.get("select_by"), "")
     lines = [
-        f"Table IV: {m.get('outside_arch', '?')} outside the ensemble{size}, trained on the train split, "
-        f"{m.get('test_images', '?')} test images",
+        f"Table IV: {m.get('outside_arch', '?')} outside the ensemble{size}, trained on the train split"
+        f"{picked}, {m.get('test_images', '?')} test images",
         f"{'test images':<{width}}  top-1   top-5  read whole",
     ]
     lines += [

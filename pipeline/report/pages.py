@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.evaluation.classify import SELECTED
 from pipeline.evaluation.quality import format_quality
 from pipeline.report import svg
 from pipeline.report.data import RunData
@@ -229,8 +230,8 @@ class PageBuilder:
                 groups[base]["label-driven crops"] = s["top1_label_driven"]
         size = f", {ev['input_size']} px" if ev.get("input_size") else ""
         caption = (
-            f"{ev.get('outside_arch', '?')} outside the ensemble{size}, trained on the train split, "
-            f"scored on {ev.get('test_images', '?')} test images."
+            f"{ev.get('outside_arch', '?')} outside the ensemble{size}, trained on the train split"
+            f"{SELECTED.get(ev.get('select_by'), '')}, scored on {ev.get('test_images', '?')} test images."
         )
         rows = [
             {

@@ -195,6 +195,7 @@ class EvaluateStage(Stage):
             **table_metrics(scores[0], cfg.crop.method, retrained),
             "outside_arch": member.arch,
             "outside_name": member.label,
+            "select_by": cfg.evaluate.select_by,
             "input_size": plan.models[0].job.params.input_size,
             "method": cfg.crop.method,
             "test_images": plan.test_images,

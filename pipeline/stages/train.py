@@ -239,7 +239,9 @@ def job_result(job: Job, key: str) -> dict[str, Any]:
     it finished under ``key``."""
     model_dir = job.params.model_dir
     history = json.loads(storage.read_text(storage.join(model_dir, "history.json")))
-    best = max(history["history"], key=lambda r: (r["val_top1"], -r["val_loss"]))
+    # The epoch the loop kept (under its params' select_by), as it recorded it.
+    kept = history["history"][-1]["best_epoch"]
+    best = next(r for r in history["history"] if r["epoch"] == kept)
     epochs = len(history["history"])
     train_s = sum(r["train_s"] for r in history["history"])
     predict_s = max((float(part["seconds"]) for part in prediction_parts(job)), default=0.0)
