@@ -3,10 +3,10 @@
 Pass 1 trains the head with the trunk frozen; pass 2 unfreezes the trunk (all at once, or one more top
 block per epoch) at a lower learning rate. After every epoch the loop evaluates on the validation split
 only, keeps the best weights by validation top-1 (ties: lower loss) or, with ``select_by="loss"``, by
-validation loss (ties: higher top-1), reports metrics and a checkpoint
-to Ray Train, and stops early when validation stops improving. A restarted worker resumes from the last
-reported checkpoint, not from scratch. Once training is done, each worker predicts its share of the
-``predict`` dataset with the best weights (no second start-up, and on the worker's GPU when it has one).
+validation loss (ties: higher top-1), reports metrics and a checkpoint to Ray Train, and stops early
+when validation stops improving. A restarted worker resumes from the last reported checkpoint, not from
+scratch. Once training is done, each worker predicts its share of the ``predict`` dataset with the best
+weights (no second start-up, and on the worker's GPU when it has one).
 """
 
 from __future__ import annotations
