@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,14 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import manifests
 from pipeline.config import RunConfig, build_config, load_config_file
 from pipeline.evaluation.classify import with_boxes
-from pipeline.models.data import (
-    BOX_COLUMNS,
-    Augment,
-    augment_batch,
-    decode_batch,
-    decoded_size,
-    training_rows,
-)
+from pipeline.models.data import Augment, augment_batch, decode_rows, decoded_size, training_rows
 from pipeline.models.train_loop import (
     LoopState,
     TrainParams,
@@ -41,27 +33,13 @@ from pipeline.models.train_loop import (
     epoch_lr,
     make_optimizer,
     run_epoch,
-    set_trainable,
+    set_trainable,  # fmt: skip
 )
 from pipeline.models.zoo import build_model
 from pipeline.stages.evaluate import outside_params
 from pipeline.stages.train import augmentation
 
 RULES = ("top1", "loss")
-
-
-def decoded(rows: pd.DataFrame, out: str, size: int, as_float: bool) -> dict[str, np.ndarray]:
-    """Every row's image (or box), as the training's Ray Data tasks decode it."""
-    batch = {
-        "path": rows["path"].to_numpy(),
-        "label": rows["label_idx"].to_numpy(),
-        "row": np.arange(len(rows)),
-    }
-    if BOX_COLUMNS[0] in rows.columns:
-        batch |= {
-            c: pd.to_numeric(rows[c], errors="coerce").astype("float64").to_numpy() for c in BOX_COLUMNS
-        }
-    return decode_batch(batch, out=out, size=size, as_float=as_float)
 
 
 def batches(data: dict[str, np.ndarray], size: int, order: np.ndarray | None = None) -> list[dict]:
@@ -93,8 +71,8 @@ def prepare(run: str, cfg: RunConfig, epochs: int) -> Prepared:
     augment = augmentation(cfg, cfg.evaluate.augment_crop_min)
     label_free, _ = with_boxes(test, crops, cfg.crop.method, "predicted")
     sets = {"val": val, "original": test, "label_free": label_free}
-    train_px = decoded(train, run, decoded_size(p.input_size, augment), as_float=False)
-    scored = {name: decoded(frame, run, p.input_size, as_float=True) for name, frame in sets.items()}
+    train_px = decode_rows(train, run, decoded_size(p.input_size, augment), as_float=False)
+    scored = {name: decode_rows(frame, run, p.input_size, as_float=True) for name, frame in sets.items()}
     return Prepared(p, augment, train_px, scored)
 
 

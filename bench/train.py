@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.cli import main as cli_main
 from pipeline.config import build_config, load_config_file
 from pipeline.ingest import ingest_stages
-from pipeline.models.data import Augment, augment_batch, decode_batch, training_rows
+from pipeline.models.data import Augment, augment_batch, decode_rows, training_rows
 from pipeline.models.zoo import build_model
 from pipeline.runner import run_stages
 from pipeline.stages.train import TrainStage
@@ -53,13 +53,8 @@ def plain_pytorch(run: Path, arch: str, size: int, epochs: int, batch: int, thre
     classes = sorted(images.loc[(images["status"] == "ok") & images["split"].notna(), "label"].unique())
     rows = training_rows(images, classes)
 
-    def decoded(part: pd.DataFrame, side: int, as_float: bool) -> dict[str, np.ndarray]:
-        batch = {"path": part["path"].to_numpy(), "label": part["label_idx"].to_numpy(),
-                 "row": np.arange(len(part))}  # fmt: skip
-        return decode_batch(batch, out=str(run), size=side, as_float=as_float)
-
-    train = decoded(rows[rows["split"] == "train"], round(size * 8 / 7), False)
-    held = decoded(rows[rows["split"] != "train"], size, True)
+    train = decode_rows(rows[rows["split"] == "train"], str(run), round(size * 8 / 7), False)
+    held = decode_rows(rows[rows["split"] != "train"], str(run), size, True)
     model = build_model(arch, len(classes), input_size=size).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     augment, n, seen = Augment(), len(train["label"]), 0

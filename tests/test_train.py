@@ -16,7 +16,15 @@ from pipeline.config import ConfigError
 from pipeline.faults import FaultPlan
 from pipeline.ingest import ingest_stages
 from pipeline.models.data import Augment, ray_dataset, training_rows
-from pipeline.models.train_loop import TrainParams, make_optimizer, run_epoch, set_trainable, train_batches
+from pipeline.models.train_loop import (
+    LoopState,
+    TrainParams,
+    better,
+    make_optimizer,
+    run_epoch,
+    set_trainable,
+    train_batches,  # fmt: skip
+)
 from pipeline.models.zoo import build_model, head_parameters, trunk_parameters
 from pipeline.runner import run_stages
 from pipeline.stages.train import TrainStage, concurrency
@@ -183,3 +191,14 @@ def test_members_train_at_once_when_the_cluster_has_room_and_one_by_one_when_not
     # 1.5 CPUs held by workers leave no whole CPU for the augmentation tasks: it would wait forever.
     with pytest.raises(ConfigError, match=r"train\.concurrent_members 3 .* 1\.5 CPUs"):
         concurrency(three, 4, {"CPU": 2}, False)
+
+
+def test_selection_rules_keep_the_best_val_top1_or_the_least_val_loss():
+    state = LoopState(best_top1=0.30, best_loss=2.0)
+    sharper = {"top1": 0.28, "loss": 1.7}  # fewer right, but surer where right (a lower loss)
+    luckier = {"top1": 0.32, "loss": 2.3}  # one image more right, the rest near chance
+    assert better(sharper, state, "loss") and not better(sharper, state, "top1")
+    assert better(luckier, state, "top1") and not better(luckier, state, "loss")
+    assert better({"top1": 0.30, "loss": 1.9}, state, "top1")  # top-1 ties: the lower loss wins
+    assert better({"top1": 0.31, "loss": 2.0}, state, "loss")  # loss ties: the higher top-1 wins
+    assert better({"top1": 0.0, "loss": 9.9}, LoopState(), "loss")  # the first epoch is always kept

@@ -108,17 +108,32 @@ def decoded_bytes(rows: int, size: int, augment: Augment | None) -> int:
     return rows * side * side * 3 * (4 if augment is None else 1)
 
 
+def decode_frame(rows: pd.DataFrame) -> pd.DataFrame:
+    """What ``decode_batch`` reads of image rows: path, class index and row number, and the box columns
+    (as float, NaN for "no box") when the rows have them."""
+    frame = pd.DataFrame({"path": rows["path"].to_numpy(), "label": rows["label_idx"].to_numpy(),
+                          "row": np.arange(len(rows))})  # fmt: skip
+    if all(c in rows.columns for c in BOX_COLUMNS):  # crops: nullable ints -> float, NaN for "no box"
+        for c in BOX_COLUMNS:
+            frame[c] = pd.to_numeric(rows[c], errors="coerce").astype("float64").to_numpy()
+    return frame
+
+
+def decode_rows(rows: pd.DataFrame, out: str, size: int, as_float: bool) -> dict[str, np.ndarray]:
+    """Every row's image (or box) decoded in this process, as the Ray Data tasks decode it."""
+    frame = decode_frame(rows)
+    return decode_batch(
+        {c: frame[c].to_numpy() for c in frame.columns}, out=out, size=size, as_float=as_float
+    )
+
+
 def ray_dataset(rows: pd.DataFrame, out: str, size: int, augment: Augment | None, batch_size: int = 32,
                 cache_bytes: int = 2**30, seed: int = 0):  # fmt: skip
     """A Ray Dataset of these rows' images (or of their boxes, when the rows have box columns): decoded
     and normalized (evaluation), or decoded then augmented afresh each epoch (training)."""
     import ray
 
-    frame = pd.DataFrame({"path": rows["path"].to_numpy(), "label": rows["label_idx"].to_numpy(),
-                          "row": np.arange(len(rows))})  # fmt: skip
-    if all(c in rows.columns for c in BOX_COLUMNS):  # crops: nullable ints -> float, NaN for "no box"
-        for c in BOX_COLUMNS:
-            frame[c] = pd.to_numeric(rows[c], errors="coerce").astype("float64").to_numpy()
+    frame = decode_frame(rows)
     if augment is not None:  # training: mix the classes across blocks (the manifest groups them)
         frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     base_size = decoded_size(size, augment)

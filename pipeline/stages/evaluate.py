@@ -40,17 +40,8 @@ from pipeline.evaluation.classify import (
 from pipeline.evaluation.quality import quality_metrics
 from pipeline.models.data import training_rows
 from pipeline.models.train_loop import TrainParams
-from pipeline.models.zoo import ARCHS
 from pipeline.stages.base import Resources, RunContext, Stage
-from pipeline.stages.train import (
-    Job,
-    augmentation,
-    check_room,
-    concurrency,
-    fit_all,
-    predicted_probs,
-    use_gpu,
-)
+from pipeline.stages.train import Job, augmentation, fit_all, member_params, predicted_probs
 
 log = logging.getLogger("cropclean")
 
@@ -76,15 +67,9 @@ def outside_params(cfg: RunConfig, name: str, classes: int) -> TrainParams:
     """The outside classifier's training settings: its own architecture and selection rule
     (``evaluate.select_by``), everything else as the ensemble trains (epochs: ``evaluate.epochs``,
     default ``train.finetune_epochs``)."""
-    t, m = cfg.train, cfg.evaluate.member
-    return TrainParams(
-        member=name, arch=m.arch, classes=classes, model_dir=models_dir(cfg.out, name), head=m.head,
-        weights=m.weights, input_size=m.input_size or ARCHS[m.arch].default_size, batch_size=t.batch_size,
-        head_epochs=t.head_epochs, finetune_epochs=cfg.evaluate.epochs or t.finetune_epochs,
-        lr_head=t.lr_head, lr_finetune=t.lr_finetune, weight_decay=t.weight_decay, schedule=t.schedule,
-        unfreeze=t.unfreeze, patience=t.patience, select_by=cfg.evaluate.select_by, seed=t.seed,
-        threads=max(1, int(t.cpus_per_worker)),
-    )  # fmt: skip
+    e = cfg.evaluate
+    return member_params(cfg, e.member, name, classes, models_dir(cfg.out, name), select_by=e.select_by,
+                         finetune_epochs=e.epochs or cfg.train.finetune_epochs)  # fmt: skip
 
 
 def stacked(sets: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, dict[str, slice]]:
@@ -177,13 +162,8 @@ class EvaluateStage(Stage):
         plan = evaluation_plan(cfg, images, crops, read_blacklisted(ctx) if cfg.evaluate.retrain else set(),
                                classes)  # fmt: skip
 
-        import ray
-
-        resources, gpu = ray.cluster_resources(), use_gpu(cfg.train.use_gpu)
-        check_room(cfg, resources, gpu)
-        at_once = concurrency(cfg, len(plan.models), resources, gpu)
         augment = augmentation(cfg, cfg.evaluate.augment_crop_min)
-        results = fit_all([(m.job, m.val_rows) for m in plan.models], cfg, ctx, at_once, STAGE, augment)
+        results = fit_all([(m.job, m.val_rows) for m in plan.models], cfg, ctx, STAGE, augment)
 
         scores: list[dict[str, dict[str, float]]] = []
         for model in plan.models:

@@ -60,6 +60,21 @@ def use_gpu(choice: str) -> bool:
     return choice == "yes" or (choice == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
 
 
+def member_params(cfg: RunConfig, m: MemberConfig, name: str, classes: int, model_dir: str,
+                  **overrides: Any) -> TrainParams:  # fmt: skip
+    """A training's settings: member ``m``'s architecture, head, weights and size, everything else from
+    ``train``; ``overrides`` replace any of them (the evaluation's epochs and selection rule)."""
+    t = cfg.train
+    settings: dict[str, Any] = dict(
+        member=name, arch=m.arch, classes=classes, model_dir=model_dir, head=m.head, weights=m.weights,
+        input_size=m.input_size or ARCHS[m.arch].default_size, batch_size=t.batch_size,
+        head_epochs=t.head_epochs, finetune_epochs=t.finetune_epochs, lr_head=t.lr_head,
+        lr_finetune=t.lr_finetune, weight_decay=t.weight_decay, schedule=t.schedule, unfreeze=t.unfreeze,
+        patience=t.patience, select_by=t.select_by, seed=t.seed, threads=max(1, int(t.cpus_per_worker)),
+    )  # fmt: skip
+    return TrainParams(**{**settings, **overrides})
+
+
 def make_jobs(cfg: RunConfig, rows: pd.DataFrame, classes: list[str]) -> list[Job]:
     t = cfg.train
     train = rows[rows["split"] == "train"]
@@ -68,15 +83,7 @@ def make_jobs(cfg: RunConfig, rows: pd.DataFrame, classes: list[str]) -> list[Jo
     jobs = []
     for m in t.members:
         for fold in [None, *range(t.folds)]:
-            params = TrainParams(
-                member=m.label, arch=m.arch, classes=len(classes),
-                model_dir=model_dir(cfg.out, m.label, fold), head=m.head, weights=m.weights,
-                input_size=m.input_size or ARCHS[m.arch].default_size, batch_size=t.batch_size,
-                head_epochs=t.head_epochs, finetune_epochs=t.finetune_epochs, lr_head=t.lr_head,
-                lr_finetune=t.lr_finetune, weight_decay=t.weight_decay, schedule=t.schedule,
-                unfreeze=t.unfreeze, patience=t.patience, select_by=t.select_by, seed=t.seed,
-                threads=max(1, int(t.cpus_per_worker)),
-            )  # fmt: skip
+            params = member_params(cfg, m, m.label, len(classes), model_dir(cfg.out, m.label, fold))
             if fold is None:
                 # Without cross-fitting, the full model also labels train images (in-sample).
                 predict = heldout if t.folds else rows
@@ -143,17 +150,22 @@ class DatasetCache:
 
 
 def fit_all(
-    jobs: list[tuple[Job, pd.DataFrame]], cfg: RunConfig, ctx: RunContext, at_once: int, stage: str = "train",
+    jobs: list[tuple[Job, pd.DataFrame]], cfg: RunConfig, ctx: RunContext, stage: str = "train",
     augment: Augment | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Train every (job, val rows) pair and predict its rows; returns their results in order.
 
     A member's unfinished jobs (its full-data model and its fold models) are one Ray Train run that
     trains them one after another, so its worker group starts once, not once per model (on 2 cores
-    that start-up is 16 to 28 s); ``at_once`` such runs go at a time, the next starting when one ends.
-    Their datasets are prepared first (``DatasetCache``). Jobs finished in an earlier run with the same
-    key are not trained again. ``augment``: the training augmentation, when not ``train``'s.
+    that start-up is 16 to 28 s); as many such runs go at a time as the cluster holds (``concurrency``),
+    the next starting when one ends. Their datasets are prepared first (``DatasetCache``). Jobs finished
+    in an earlier run with the same key are not trained again. ``augment``: the training augmentation,
+    when not ``train``'s.
     """
+    import ray
+
+    resources, gpu = ray.cluster_resources(), use_gpu(cfg.train.use_gpu)
+    check_room(cfg, resources, gpu)
     results: dict[int, dict[str, Any]] = {}
     todo = []
     for i, (job, _) in enumerate(jobs):
@@ -162,12 +174,13 @@ def fit_all(
             todo.append(i)
         else:
             results[i] = finished
-    cache = DatasetCache(cfg, ctx.out, augment)
-    prepared = {i: cache.job(*jobs[i]) for i in todo}
     members: dict[str, list[int]] = {}
     for i in todo:
         members.setdefault(jobs[i][0].params.member, []).append(i)
-    with ThreadPoolExecutor(max_workers=max(1, at_once)) as pool:
+    at_once = concurrency(cfg, max(1, len(members)), resources, gpu)  # checked before any decoding
+    cache = DatasetCache(cfg, ctx.out, augment)
+    prepared = {i: cache.job(*jobs[i]) for i in todo}
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
         done = pool.map(
             lambda own: fit_member([(jobs[i][0], prepared[i]) for i in own], cfg, ctx, stage),
             members.values(),
@@ -378,13 +391,7 @@ class TrainStage(Stage):
         if val_rows.empty:
             raise ValueError("training needs a val split for checkpoint selection (it never selects on test)")
         jobs = make_jobs(cfg, rows, classes)
-
-        import ray
-
-        resources, gpu = ray.cluster_resources(), use_gpu(cfg.train.use_gpu)
-        check_room(cfg, resources, gpu)
-        at_once = concurrency(cfg, len({j.params.member for j in jobs}), resources, gpu)  # one run a member
-        results = fit_all([(job, val_rows) for job in jobs], cfg, ctx, at_once)
+        results = fit_all([(job, val_rows) for job in jobs], cfg, ctx)
         frames = [prediction_rows(job, predicted_probs(job), classes) for job in jobs]
         manifests.write_manifest(
             "predictions", pd.concat(frames, ignore_index=True), ctx.manifest("predictions")
