@@ -26,7 +26,12 @@ class Reason(StrEnum):
     TOO_MANY_REDIRECTS = "too_many_redirects"
     BLOCKED_PRIVATE_ADDRESS = "blocked_private_address"
     UNSUPPORTED_SCHEME = "unsupported_scheme"
+    BAD_URL = "bad_url"  # malformed URL (port, host, brackets, encoding): final, never retried
+    UNSUPPORTED_URL = "unsupported_url"  # a locator that is neither http(s) nor a path allowed to be read
     ROBOTS_OPTOUT = "robots_optout"
+    # names that would become paths (pipeline/names.py)
+    BAD_LABEL = "bad_label"
+    BAD_SPLIT = "bad_split"
     # decoding and validation
     NOT_AN_IMAGE = "not_an_image"
     UNSUPPORTED_FORMAT = "unsupported_format"

@@ -16,11 +16,20 @@ def get_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+class UnsafePath(ValueError):
+    """A path part that would climb out of the folder it is joined to."""
+
+
 def join(base: str, *parts: str) -> str:
-    """Join URI parts with '/', keeping the scheme of ``base``."""
+    """Join URI parts with '/', keeping the scheme of ``base``. The result stays under ``base``: a part
+    with a ``..`` segment or a NUL byte raises UnsafePath (leading slashes are dropped, as always)."""
     if not parts:
         return base
-    return posixpath.join(base.rstrip("/"), *[p.strip("/") for p in parts])
+    cleaned = [p.strip("/") for p in parts]
+    for part in cleaned:
+        if "\x00" in part or ".." in part.split("/"):
+            raise UnsafePath(f"{part!r} would leave {base}")
+    return posixpath.join(base.rstrip("/"), *cleaned)
 
 
 def protocol_of(uri: str) -> str:

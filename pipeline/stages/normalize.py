@@ -94,6 +94,8 @@ def process_candidate(cand: dict[str, Any], params: NormalizeParams, max_bytes: 
     """One candidate row in, one images row out. Never raises for bad input."""
     row: dict[str, Any] = {k: cand.get(k) for k in _CARRIED}
     row["attempts"] = int(cand.get("attempts") or 0) + 1
+    if cand.get("reason"):  # refused where it entered: nothing is opened for it
+        return row | {"status": Status.REJECTED, "reason": cand["reason"], "detail": cand.get("detail")}
     data, failure = obtain(decode_locator(cand["locator"]), fetcher, max_bytes)
     if data is None:
         return row | failure

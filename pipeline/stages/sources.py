@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, ClassVar
 
 import pyarrow as pa
 
 from pipeline import manifests, storage
 from pipeline.crawl.providers import ProviderError
-from pipeline.sources import iter_candidates
+from pipeline.names import label_problem, split_problem
+from pipeline.reasons import Reason
+from pipeline.sources import Candidate, iter_candidates
 from pipeline.sources.search import SearchStopped
 from pipeline.stages.base import RunContext, Stage
 
@@ -31,6 +33,8 @@ CANDIDATE_SCHEMA = pa.schema(
         ("engine", pa.string()),
         ("rank", pa.int32()),
         ("license", pa.string()),
+        ("reason", pa.string()),  # refused at the source (pipeline/sources Candidate.reason)
+        ("detail", pa.string()),
     ]
 )
 
@@ -38,6 +42,17 @@ CANDIDATE_SCHEMA = pa.schema(
 def image_id_for(source: str, source_key: str) -> str:
     """Stable id of an input: the same source and key give the same id on every run."""
     return hashlib.sha256(f"{source}\x00{source_key}".encode()).hexdigest()[:16]
+
+
+def checked(c: Candidate) -> Candidate:
+    """``c``, refused with a reason when its label or split cannot name a folder under OUT."""
+    if c.reason:
+        return c
+    if c.label is not None and (problem := label_problem(c.label)):
+        return replace(c, label=None, reason=Reason.BAD_LABEL, detail=f"label {c.label!r}: {problem}")
+    if c.split is not None and (problem := split_problem(c.split)):
+        return replace(c, split=None, reason=Reason.BAD_SPLIT, detail=f"split {c.split!r}: {problem}")
+    return c
 
 
 def candidates_uri(ctx: RunContext) -> str:
@@ -55,7 +70,7 @@ class SourcesStage(Stage):
         cache = ctx.uri("cache", "search")
         for src in ctx.cfg.sources:
             try:
-                for c in iter_candidates(src, cache):
+                for c in map(checked, iter_candidates(src, cache)):
                     row = asdict(c) | {"image_id": image_id_for(c.source, c.source_key)}
                     for name, values in cols.items():
                         values.append(row[name])
