@@ -1,11 +1,11 @@
 """Sources turn a dataset location into candidate rows: one per input file or URL.
 
-A candidate is ``{source, source_key, locator, label, split, url, reason, detail}``: ``source_key`` is the path relative to
-the source root (or the URL), ``locator`` is the URI the bytes are read from (kept as UTF-8 bytes with
-surrogate escapes, so that file names that are not valid UTF-8 still round-trip), ``split`` is the split
-the source itself declares (or None). A candidate with a ``reason`` was refused where it entered (a
-locator the guard does not allow, a label that cannot name a folder): the normalize stage writes its row
-as ``rejected`` without opening anything.
+A candidate is ``{source, source_key, locator, label, split, url, reason, detail}``: ``source_key`` is the
+path relative to the source root (or the URL), ``locator`` is the URI the bytes are read from (kept as
+UTF-8 bytes with surrogate escapes, so that file names that are not valid UTF-8 still round-trip),
+``split`` is the split the source itself declares (or None). A candidate with a ``reason`` was refused
+where it entered (a locator the guard does not allow, a label that cannot name a folder): the normalize
+stage writes its row as ``rejected`` without opening anything.
 """
 
 from __future__ import annotations
