@@ -19,20 +19,26 @@ from pipeline.cli import main
 CLASSES = ["pho", "ramen", "sushi"]
 
 
-@pytest.fixture
-def run(tmp_path: Path) -> Path:
-    """A run folder with an images manifest (four ok images, one rejected) and its classes."""
-    out = tmp_path / "run"
+def make_run(out: Path, classes: list[str] = CLASSES, more: pd.DataFrame | None = None) -> Path:
+    """A run folder without training: an images manifest (four ok images, one rejected, and ``more``)
+    and the classes the ensemble would have been trained on."""
     images = pd.DataFrame({
         "image_id": ["a1", "b2", "c3", "d4", "e5"], "source": "food101",
         "source_key": [f"images/{k}.jpg" for k in "abcde"], "label": ["pho", "ramen", "sushi", "pho", "pho"],
         "split": ["train", "train", "val", "test", None], "status": ["ok"] * 4 + ["rejected"],
         "reason": [None] * 4 + ["duplicate_near"], "path": [f"blobs/{k}.jpg" for k in "abcde"],
     })  # fmt: skip
+    if more is not None:
+        images = pd.concat([images, more.assign(source="food101")], ignore_index=True)
     manifests.write_manifest("images", images, str(out / "manifests" / "images.parquet"))
     (out / "models").mkdir(parents=True)
-    (out / "models" / "classes.json").write_text(json.dumps(CLASSES))
+    (out / "models" / "classes.json").write_text(json.dumps(classes))
     return out
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    return make_run(tmp_path / "run")
 
 
 def write_csv(path: Path, text: str) -> str:

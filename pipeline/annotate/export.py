@@ -33,9 +33,38 @@ def write_json(uri: str, doc: Any) -> None:
     storage.write_text_atomic(uri, json.dumps(doc, indent=1, ensure_ascii=False, default=str) + "\n")
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP, "CSV Injection"); the
+# full-width forms count too, as some spreadsheets fold them to ASCII. A leading quote makes such a cell
+# text. Cells that already start with a quote get one more, so that reading them back is exact.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+QUOTE = "'"
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """``value`` as a CSV cell a spreadsheet shows as text: a string that starts with a formula character
+    (or with the quote itself) gets a leading quote. Anything else, numbers included, is left as it is:
+    numbers are written by the code, and ``-0.5`` in a score column is a number, not a formula."""
+    if isinstance(value, str) and value.startswith((*FORMULA_START, QUOTE)):
+        return QUOTE + value
+    return value
+
+
+def spreadsheet_text(cell: str) -> str:
+    """What ``spreadsheet_safe`` wrote ``cell`` from: exactly one leading quote comes off when a formula
+    character or another quote follows it; any other cell is returned as it is."""
+    if cell.startswith(QUOTE) and cell[1:].startswith((*FORMULA_START, QUOTE)):
+        return cell[1:]
+    return cell
+
+
 def write_csv(uri: str, frame: pd.DataFrame) -> None:
+    """``frame`` as a CSV for annotators: every text cell neutralised (``spreadsheet_safe``)."""
+    safe = frame.copy()
+    for column in safe.columns:
+        if not pd.api.types.is_numeric_dtype(safe[column]):  # bool is numeric too: left as it is
+            safe[column] = safe[column].map(spreadsheet_safe)
     buf = io.StringIO()
-    frame.to_csv(buf, index=False)
+    safe.to_csv(buf, index=False)
     storage.write_text_atomic(uri, buf.getvalue())
 
 

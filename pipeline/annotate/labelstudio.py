@@ -75,38 +75,92 @@ def task(data: dict[str, Any], model_version: str, score: float | None,
     return {"data": data, "predictions": [prediction]}
 
 
+def json_kind(value: Any) -> str:
+    """A value's JSON type, for messages: the value itself may be huge or nested too deep to print."""
+    names = {dict: "an object", list: "a list", str: "text", bool: "true/false", type(None): "null"}
+    return names.get(type(value), "a number" if isinstance(value, int | float) else type(value).__name__)
+
+
+def _field(item: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    """``item[key]`` when it has JSON type ``kind``; None when absent or null; ValueError otherwise."""
+    value = item.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise ValueError(f"{where}: {key!r} is {json_kind(value)}, expected {json_kind(kind())}")
+    return value
+
+
+def _order(annotation: dict[str, Any], where: str) -> tuple[str, int]:
+    """The key that finds the latest annotation: when it was updated (or created), then its id."""
+    when = annotation.get("updated_at") or annotation.get("created_at") or ""
+    if not isinstance(when, str):
+        raise ValueError(f"{where}: an annotation's updated_at is {json_kind(when)}, expected text")
+    number = annotation.get("id") or 0
+    if not isinstance(number, int) or isinstance(number, bool):
+        raise ValueError(f"{where}: an annotation's id is {json_kind(number)}, expected a whole number")
+    return when, number
+
+
+def _annotator(who: Any, where: str) -> str | None:
+    """Who answered: Label Studio's completed_by (a user id, or a user object with an email)."""
+    if isinstance(who, dict):
+        who = who.get("email") or who.get("id")
+    if who is None:
+        return None
+    if isinstance(who, bool) or not isinstance(who, str | int | float):
+        raise ValueError(f"{where}: the annotator is {json_kind(who)}, expected text or a user id")
+    return str(who)
+
+
+def _one_choice(choice: Any, where: str) -> str | None:
+    """A ``Choices`` answer: one class, as text or as a list of one."""
+    if isinstance(choice, list):
+        if len(choice) != 1:
+            raise ValueError(f"{where}: expected one choice in {CHOICES!r}, got {len(choice)}")
+        choice = choice[0]
+    if choice is None or isinstance(choice, str):
+        return choice
+    raise ValueError(f"{where}: the choice in {CHOICES!r} is {json_kind(choice)}, expected text")
+
+
 def exported_answers(doc: Any) -> list[dict[str, Any]]:
     """Label Studio's JSON (or JSON-MIN) export -> per answered task ``{"row", "data", "choice",
     "annotator"}``, ``row`` counting tasks from 1. The latest annotation not cancelled is the answer;
-    tasks nobody answered are left out. A file that is neither export raises ValueError."""
+    tasks nobody answered are left out. A file that is neither export, or a task whose fields have the
+    wrong JSON types, raises ValueError (one line, naming the task)."""
     if not isinstance(doc, list):
         raise ValueError("expected a JSON list of tasks (Label Studio's JSON or JSON-MIN export)")
     answers = []
     for row, item in enumerate(doc, start=1):
+        where = f"task {row}"
         if not isinstance(item, dict):
-            raise ValueError(f"task {row}: expected an object, got {type(item).__name__}")
+            raise ValueError(f"{where}: expected an object, got {json_kind(item)}")
         if "annotations" in item or "data" in item:  # the full JSON export
-            data = item.get("data") or {}
-            done = [a for a in item.get("annotations") or [] if not a.get("was_cancelled")]
+            data = _field(item, "data", dict, where) or {}
+            done = []
+            for a in _field(item, "annotations", list, where) or []:
+                if not isinstance(a, dict):
+                    raise ValueError(f"{where}: an annotation is {json_kind(a)}, expected an object")
+                if not a.get("was_cancelled"):
+                    done.append(a)
             if not done:
                 continue
-            latest = max(done, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""),
-                                              a.get("id") or 0))  # fmt: skip
-            picked = [r for r in latest.get("result") or []
-                      if r.get("from_name") == CHOICES and r.get("type") == "choices"]  # fmt: skip
-            choice = (picked[0].get("value") or {}).get("choices") if picked else None
-            who = latest.get("completed_by")
-            annotator = who.get("email") if isinstance(who, dict) else who
+            latest = max(done, key=lambda a: _order(a, where))
+            picked = []
+            for r in _field(latest, "result", list, where) or []:
+                if not isinstance(r, dict):
+                    raise ValueError(f"{where}: a result is {json_kind(r)}, expected an object")
+                if r.get("from_name") == CHOICES and r.get("type") == "choices":
+                    picked.append(r)
+            value = _field(picked[0], "value", dict, where) if picked else None
+            choice = value.get("choices") if value else None
+            annotator = _annotator(latest.get("completed_by"), where)
         else:  # JSON-MIN: the data's fields and one key per control
-            data, choice, annotator = item, item.get(CHOICES), item.get("annotator")
+            data, choice = item, item.get(CHOICES)
             if choice is None:
                 continue
-        if isinstance(choice, list):
-            if len(choice) != 1:
-                raise ValueError(f"task {row}: expected one choice in {CHOICES!r}, got {choice}")
-            choice = choice[0]
+            annotator = _annotator(item.get("annotator"), where)
+        choice = _one_choice(choice, where)
         if choice is None:
             continue
-        answers.append({"row": row, "data": data, "choice": str(choice),
-                        "annotator": None if annotator is None else str(annotator)})  # fmt: skip
+        answers.append({"row": row, "data": data, "choice": choice, "annotator": annotator})
     return answers

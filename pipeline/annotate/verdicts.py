@@ -10,6 +10,8 @@ the keys it always had.
 
 from __future__ import annotations
 
+import codecs
+import csv
 import hashlib
 import io
 import json
@@ -19,12 +21,14 @@ from datetime import UTC, datetime
 import pandas as pd
 
 from pipeline import manifests, storage
-from pipeline.annotate import labelstudio
+from pipeline.annotate import export, labelstudio
+from pipeline.names import label_problem
 from pipeline.reasons import Reason, Status
 
 VERDICTS = ("keep", "relabel", "drop")
 CSV_COLUMNS = ("image_id", "verdict", "new_label")  # the CSV's required columns (new_label: for relabel)
 MAX_ERRORS = 20  # rows named in one error message
+MAX_BYTES = 64 * 2**20  # the largest verdict file read; a larger one is refused, never read whole
 
 
 class VerdictError(ValueError):
@@ -87,36 +91,120 @@ def verified_ids(out: str) -> set[str]:
 # ------------------------------------------------------------------------------------------ reading
 
 
-def _csv_rows(data: bytes, name: str) -> tuple[list[dict[str, object]], int]:
-    frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
-    frame.columns = [c.strip() for c in frame.columns]
-    missing = [c for c in CSV_COLUMNS[:2] if c not in frame.columns]
+def _shown(value: str, limit: int = 60) -> str:
+    """A stranger's text inside a one-line message: quoted, escaped, and cut when long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _printable(text: str) -> str:
+    """A path as it is, or escaped when it holds characters that would break the message's line."""
+    return text if text.isprintable() else _shown(text, 200)
+
+
+def _file_name(uri: str) -> str:
+    return _printable(uri.rsplit("/", 1)[-1])
+
+
+def _read_capped(uri: str, name: str) -> bytes:
+    """The file's bytes, reading no more than ``MAX_BYTES`` (plus one, to tell a larger file)."""
+    try:
+        fs, path = storage.get_fs(uri)
+        with fs.open(path, "rb") as f:
+            data = f.read(MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise VerdictError(f"{_printable(uri)}: no such file") from None
+    except IsADirectoryError:
+        raise VerdictError(f"{_printable(uri)}: a folder, not a verdict file") from None
+    except (OSError, ValueError, ImportError) as exc:  # unreadable, a NUL in the path, an unknown scheme
+        raise VerdictError(f"{_printable(uri)}: cannot be read: {_first_line(exc)}") from None
+    if len(data) > MAX_BYTES:
+        raise VerdictError(f"{name}: larger than {MAX_BYTES:,} bytes, the most a verdict file may hold; "
+                           "split it")  # fmt: skip
+    return data
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _decoded(data: bytes, name: str) -> str:
+    """The file's text: UTF-8 (a byte-order mark is dropped, as spreadsheets write one), or UTF-16 when
+    it starts with UTF-16's byte-order mark (a spreadsheet's "Unicode text")."""
+    utf16 = data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    try:
+        return data.decode("utf-16" if utf16 else "utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise VerdictError(f"{name}: not {'UTF-16' if utf16 else 'UTF-8'} text (at byte {exc.start}, line "
+                           f"{line}); save it as UTF-8") from None  # fmt: skip
+
+
+def _csv_rows(text: str, name: str, delimiter: str) -> tuple[list[dict[str, object]], int]:
+    """Verdict rows of a CSV (or, with tabs, a TSV) with a header row. ``image_id`` and ``new_label``
+    cells lose the quote that the export puts before a formula character (``export.spreadsheet_text``),
+    so a class named ``-x`` survives the round trip through a spreadsheet."""
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    records: list[tuple[int, list[str]]] = []  # (first line, cells), blank lines left out
+    line = 1
+    try:
+        for cells in reader:
+            if any(c.strip() for c in cells):
+                records.append((line, cells))
+            line = reader.line_num + 1
+    except csv.Error as exc:  # an unclosed quote, a field over csv's size limit, ...
+        raise VerdictError(f"{name}: not a readable {kind} at line {line}: {exc}") from None
+    if not records:
+        raise VerdictError(f"{name}: empty; a verdict {kind} starts with a header row "
+                           f"({', '.join(CSV_COLUMNS)})")  # fmt: skip
+    header = [c.strip() for c in records[0][1]]
+    missing = [c for c in CSV_COLUMNS[:2] if c not in header]
     if missing:
-        raise VerdictError(f"{name}: missing columns {missing}; a verdict CSV has {', '.join(CSV_COLUMNS)} "
-                           f"(new_label for relabel only); found {list(frame.columns)}")  # fmt: skip
+        hint = f" (a .{kind.lower()} is read with {'tabs' if kind == 'TSV' else 'commas'})"
+        hint = hint if len(header) == 1 and any(c in header[0] for c in ",;\t") else ""
+        raise VerdictError(f"{name}: missing columns {missing}{hint}; a verdict {kind} has "
+                           f"{', '.join(CSV_COLUMNS)} (new_label for relabel only); found "
+                           f"{_shown(str(header[:12]), 200)}")  # fmt: skip
+    for column in (*CSV_COLUMNS, "annotator"):
+        if header.count(column) > 1:
+            raise VerdictError(f"{name}: the header names column {column!r} twice")
+    if len(records) == 1:
+        raise VerdictError(f"{name}: a header and no rows")
+    at = {c: header.index(c) for c in (*CSV_COLUMNS, "annotator") if c in header}
     rows, unanswered = [], 0
-    for n, r in enumerate(frame.to_dict("records"), start=2):  # line 1 is the header
-        verdict = str(r["verdict"]).strip().lower()
+    for n, cells in records[1:]:
+        if any(c.strip() for c in cells[len(header) :]):
+            raise VerdictError(f"{name}: line {n} has {len(cells)} cells, the header names {len(header)}")
+        cell = {c: cells[i].strip() if i < len(cells) else "" for c, i in at.items()}
+        verdict = cell["verdict"].lower()
         if not verdict:
             unanswered += 1
             continue
-        rows.append({"where": f"line {n}", "image_id": str(r["image_id"]).strip(), "verdict": verdict,
-                     "new_label": str(r.get("new_label") or "").strip() or None,
-                     "annotator": str(r.get("annotator") or "").strip() or None})  # fmt: skip
+        rows.append({"where": f"line {n}", "image_id": export.spreadsheet_text(cell["image_id"]),
+                     "verdict": verdict, "new_label": export.spreadsheet_text(cell.get("new_label", ""))
+                     or None, "annotator": cell.get("annotator") or None})  # fmt: skip
     return rows, unanswered
 
 
-def _labelstudio_rows(doc: object, labels: pd.Series) -> tuple[list[dict[str, object]], int]:
+def _labelstudio_rows(doc: object, labels: pd.Series, name: str) -> tuple[list[dict[str, object]], int]:
     """Label Studio answers -> verdicts: the drop choice drops, the given label keeps, another class
     relabels."""
+    if isinstance(doc, list) and not doc:
+        raise VerdictError(f"{name}: no tasks (an empty list)")
     try:
         answers = labelstudio.exported_answers(doc)
     except ValueError as exc:
-        raise VerdictError(str(exc)) from None
+        raise VerdictError(f"{name}: {exc}") from None
     rows = []
     for a in answers:
-        image_id = str(a["data"].get("image_id") or "")
-        given = a["data"].get("given_label") or labels.get(image_id)
+        image_id = a["data"].get("image_id")
+        if image_id is not None and not isinstance(image_id, str):
+            raise VerdictError(f"{name}: task {a['row']}: 'image_id' is {labelstudio.json_kind(image_id)}, "
+                               "expected text")  # fmt: skip
+        image_id = image_id or ""
+        given = a["data"].get("given_label")
+        given = given if isinstance(given, str) and given else labels.get(image_id)
         choice = a["choice"]
         verdict = "drop" if choice == labelstudio.DROP else "keep" if choice == given else "relabel"
         rows.append({"where": f"task {a['row']}", "image_id": image_id, "verdict": verdict,
@@ -127,22 +215,27 @@ def _labelstudio_rows(doc: object, labels: pd.Series) -> tuple[list[dict[str, ob
 
 
 def read_verdict_file(uri: str, images: pd.DataFrame) -> tuple[list[dict[str, object]], int]:
-    """Rows ``{where, image_id, verdict, new_label, annotator}`` of a CSV or Label Studio JSON file, and
-    how many rows carry no verdict yet."""
-    name = uri.rsplit("/", 1)[-1]
+    """Rows ``{where, image_id, verdict, new_label, annotator}`` of a CSV, a TSV or a Label Studio JSON
+    file, and how many rows carry no verdict yet. A file that cannot be read as one raises VerdictError
+    with one line naming the file and the problem; a file over ``MAX_BYTES`` is not read beyond it."""
+    name = _file_name(uri)
+    suffix = uri.lower().rsplit(".", 1)[-1] if "." in uri.rsplit("/", 1)[-1] else ""
+    if suffix not in ("json", "csv", "tsv"):
+        raise VerdictError(f"{name}: give a .csv or .tsv (image_id, verdict, new_label) or Label Studio's "
+                           ".json export")  # fmt: skip
+    text = _decoded(_read_capped(uri, name), name)
+    if suffix != "json":
+        return _csv_rows(text, name, "\t" if suffix == "tsv" else ",")
+    if not text.strip():
+        raise VerdictError(f"{name}: empty; expected Label Studio's JSON export (a list of tasks)")
     try:
-        data = storage.read_bytes(uri)
-    except FileNotFoundError:
-        raise VerdictError(f"{uri}: no such file") from None
-    if uri.lower().endswith(".json"):
-        try:
-            doc = json.loads(data)
-        except ValueError as exc:
-            raise VerdictError(f"{name}: not valid JSON: {exc}") from None
-        return _labelstudio_rows(doc, images.set_index("image_id")["label"])
-    if uri.lower().endswith((".csv", ".tsv")):
-        return _csv_rows(data, name)
-    raise VerdictError(f"{name}: give a .csv (image_id, verdict, new_label) or Label Studio's .json export")
+        doc = json.loads(text)
+    except RecursionError:  # json's parser recurses once per nesting level
+        raise VerdictError(f"{name}: not valid JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise VerdictError(f"{name}: not valid JSON: {_first_line(exc)}") from None
+    labels = images.drop_duplicates("image_id").set_index("image_id")["label"]
+    return _labelstudio_rows(doc, labels, name)
 
 
 def check_rows(rows: list[dict[str, object]], images: pd.DataFrame, classes: list[str],
@@ -156,6 +249,8 @@ def check_rows(rows: list[dict[str, object]], images: pd.DataFrame, classes: lis
     by_id = images.set_index("image_id")
     shown, given = by_id["label"], by_id["relabelled_from"].fillna(by_id["label"])
     known = set(classes)
+    listed = ", ".join(_printable(c) for c in classes[:MAX_ERRORS])
+    listed += f", ... ({len(classes)} in all)" if len(classes) > MAX_ERRORS else ""
     errors: list[str] = []
     seen: dict[str, tuple[str, str, object]] = {}
     out = []
@@ -163,21 +258,27 @@ def check_rows(rows: list[dict[str, object]], images: pd.DataFrame, classes: lis
         where, image_id = f"{name} {r['where']}", str(r["image_id"])
         verdict, new = r["verdict"], r["new_label"]
         if image_id not in by_id.index:
-            errors.append(f"{where}: unknown image_id {image_id!r} (not in this run's images manifest)")
+            errors.append(f"{where}: unknown image_id {_shown(image_id)} (not in this run's images manifest)")
             continue
         if verdict not in VERDICTS:
-            errors.append(f"{where} ({image_id}): verdict {verdict!r} is not one of {', '.join(VERDICTS)}")
+            errors.append(
+                f"{where} ({image_id}): verdict {_shown(verdict)} is not one of {', '.join(VERDICTS)}"
+            )
             continue
         if verdict == "relabel" and not new:
             errors.append(f"{where} ({image_id}): relabel needs new_label")
             continue
         if new and verdict != "relabel":
-            errors.append(f"{where} ({image_id}): new_label {new!r} goes with relabel only, not {verdict}")
+            errors.append(
+                f"{where} ({image_id}): new_label {_shown(new)} goes with relabel only, not {verdict}"
+            )
+            continue
+        problem = label_problem(new) if new else None
+        if problem:
+            errors.append(f"{where} ({image_id}): new_label {_shown(new)} cannot name a class: {problem}")
             continue
         if new and new not in known:
-            errors.append(
-                f"{where} ({image_id}): unknown label {new!r}; the run's classes: {', '.join(classes)}"
-            )
+            errors.append(f"{where} ({image_id}): unknown label {_shown(new)}; the run's classes: {listed}")
             continue
         if verdict != "drop":
             right = new if verdict == "relabel" else shown[image_id]
@@ -188,10 +289,11 @@ def check_rows(rows: list[dict[str, object]], images: pd.DataFrame, classes: lis
         seen[image_id] = (where, str(verdict), new)
         out.append({"image_id": image_id, "verdict": verdict, "new_label": new, "label": shown[image_id],
                     "annotator": r.get("annotator")})  # fmt: skip
+    if len(errors) == 1:  # one line
+        raise VerdictError(f"{name}: 1 row cannot be applied, nothing was imported: {errors[0]}")
     if errors:
         more = f"\n  ... and {len(errors) - MAX_ERRORS} more" if len(errors) > MAX_ERRORS else ""
-        rows_text = f"{len(errors)} row{'s' if len(errors) > 1 else ''}"
-        raise VerdictError(f"{name}: {rows_text} cannot be applied; nothing was imported:\n  "
+        raise VerdictError(f"{name}: {len(errors)} rows cannot be applied; nothing was imported:\n  "
                            + "\n  ".join(errors[:MAX_ERRORS]) + more)  # fmt: skip
     return out
 
@@ -200,8 +302,21 @@ def run_classes(out: str, images: pd.DataFrame) -> list[str]:
     """The run's classes: those the ensemble was trained on, else the labels of its usable images."""
     uri = storage.join(out, "models", "classes.json")
     if storage.exists(uri):
-        return list(json.loads(storage.read_text(uri)))
+        try:
+            classes = json.loads(storage.read_text(uri))
+        except (OSError, ValueError, RecursionError) as exc:
+            raise VerdictError(f"{uri}: cannot be read: {_first_line(exc)}") from None
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise VerdictError(f"{uri}: expected a JSON list of class names")
+        return classes
     return sorted(images.loc[images["status"] == Status.OK, "label"].dropna().unique())
+
+
+def _run_manifest(name: str, uri: str) -> pd.DataFrame:
+    try:
+        return manifests.read_manifest(name, uri)
+    except (OSError, ValueError) as exc:  # ManifestError, a damaged Parquet file (ArrowInvalid)
+        raise VerdictError(f"{uri}: cannot be read: {_first_line(exc)}") from None
 
 
 def import_verdicts(uri: str, out: str, replace: bool = False) -> Imported:
@@ -209,17 +324,23 @@ def import_verdicts(uri: str, out: str, replace: bool = False) -> Imported:
     (a later verdict on an image replaces an earlier one; ``replace`` drops the earlier ones). All rows
     are checked before anything is written, and the manifest is written atomically."""
     images_uri = storage.join(out, "manifests", "images.parquet")
-    if not storage.exists(images_uri):
-        raise VerdictError(f"{out} holds no ingested run (no manifests/images.parquet)")
-    images = manifests.read_manifest("images", images_uri)
+    try:
+        ingested = storage.exists(images_uri)
+    except (OSError, ValueError) as exc:  # a NUL byte in the path, an unknown scheme
+        raise VerdictError(f"{_printable(out)}: cannot be read: {_first_line(exc)}") from None
+    if not ingested:
+        raise VerdictError(f"{_printable(out)} holds no ingested run (no manifests/images.parquet)")
+    images = _run_manifest("images", images_uri)
     if "relabelled_from" not in images:  # written before verdicts existed
         images["relabelled_from"] = None
-    name = uri.rsplit("/", 1)[-1]
     rows, unanswered = read_verdict_file(uri, images)
-    checked = check_rows(rows, images, run_classes(out, images), name)
+    checked = check_rows(rows, images, run_classes(out, images), _file_name(uri))
     new = pd.DataFrame(checked, columns=["image_id", "verdict", "new_label", "label", "annotator"])
-    new = new.drop_duplicates("image_id", keep="last").assign(source=name, imported_at=datetime.now(UTC))
-    old = read_overrides(out)
+    source = uri.rsplit("/", 1)[-1]
+    new = new.drop_duplicates("image_id", keep="last").assign(source=source, imported_at=datetime.now(UTC))
+    old = _run_manifest("overrides", overrides_uri(out)) if storage.exists(overrides_uri(out)) else None
+    if old is None:
+        old = pd.DataFrame(columns=manifests.load_schema("overrides").names)
     old = old.iloc[0:0] if replace else old[~old["image_id"].isin(new["image_id"])]
     merged = pd.concat([df for df in (old, new) if len(df)], ignore_index=True) if len(old) else new
     merged = merged.sort_values("image_id").reset_index(drop=True)
