@@ -9,7 +9,6 @@ method's crop side in the middle. All return boxes in pixels of the image they w
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,17 +19,39 @@ from pipeline import storage
 from pipeline.crop import select
 from pipeline.crop.fcn import FCN, convolutionalize, feature_centres
 from pipeline.crop.pyramid import Scale, ScaleMaps, ensemble_maps, pyramid
-from pipeline.models.zoo import Classifier, build_model
+from pipeline.models.zoo import Classifier, ModelError, brief_error, build_model, load_checkpoint
+
+# Bounds on a checkpoint's params: the model is built from them before its weights are checked, so a
+# crafted "classes" must not make that build allocate gigabytes.
+MAX_CLASSES = 100_000
+MAX_INPUT = 4096
 
 
 def load_classifier(model_dir: str, device: torch.device | str = "cpu") -> Classifier:
-    """A trained member from ``OUT/models/<member>[/fold-k]/best.pt``, in eval mode."""
-    saved = torch.load(io.BytesIO(storage.read_bytes(storage.join(model_dir, "best.pt"))), map_location="cpu",
-                       weights_only=False)  # fmt: skip
+    """A trained member from ``OUT/models/<member>[/fold-k]/best.pt``, in eval mode. The checkpoint is
+    loaded with ``weights_only=True`` (a models folder may be shared or writable: it must not run code);
+    one that cannot be used is a ModelError naming the file."""
+    uri = storage.join(model_dir, "best.pt")
+    saved = load_checkpoint(uri)
     p = saved["params"]
-    model = build_model(p["arch"], p["classes"], head=p["head"], input_size=p["input_size"])
-    model.load_state_dict(saved["model"])
+    arch, classes, head, size = (p.get(k) for k in ("arch", "classes", "head", "input_size"))
+    if not (isinstance(arch, str) and isinstance(head, str) and _count(classes, MAX_CLASSES)
+            and _count(size, MAX_INPUT)):  # fmt: skip
+        raise ModelError(f"checkpoint {uri}: params need arch and head (text), classes (1..{MAX_CLASSES}) "
+                         f"and input_size (1..{MAX_INPUT})")  # fmt: skip
+    try:
+        model = build_model(arch, classes, head=head, input_size=size)
+    except ModelError as exc:
+        raise ModelError(f"checkpoint {uri}: {exc}") from None
+    try:
+        model.load_state_dict(saved["model"])
+    except RuntimeError as exc:  # missing or unexpected keys, wrong shapes
+        raise ModelError(f"checkpoint {uri} does not fit its own params ({brief_error(exc)})") from None
     return model.to(device).eval()
+
+
+def _count(value: object, most: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= most
 
 
 @dataclass

@@ -26,7 +26,14 @@ import torch
 from torch import nn
 
 from pipeline import storage
-from pipeline.models.zoo import build_model, head_parameters, trunk_blocks
+from pipeline.models.zoo import (
+    ModelError,
+    build_model,
+    head_parameters,
+    load_checkpoint,
+    torch_load,
+    trunk_blocks,
+)
 
 SHUFFLE_BUFFER = 2048  # rows; each epoch shuffles within this window (row order is also permuted once)
 
@@ -207,6 +214,17 @@ def _maybe_die(p: TrainParams, epoch: int, batch: int) -> None:
         os._exit(137)
 
 
+def load_resume_state(path: str) -> dict[str, Any]:
+    """The state a restarted worker resumes from (Ray Train's ``state.pt``), loaded without running code
+    (``weights_only=True``: it holds state dicts and plain values only)."""
+    saved = torch_load(path, "training state")
+    if not isinstance(saved, dict) or any(
+        k not in saved for k in ("model_dir", "model", "optimizer", "loop")
+    ):
+        raise ModelError(f"training state {path} lacks model_dir, model, optimizer or loop")
+    return saved
+
+
 def part_marker(model_dir: str, rank: int) -> str:
     """Written by each worker once its part (training and prediction) is finished."""
     return storage.join(model_dir, f"_PART_DONE-rank-{rank}.json")
@@ -228,7 +246,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     saved = None
     if checkpoint:
         with checkpoint.as_directory() as d:
-            saved = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+            saved = load_resume_state(os.path.join(d, "state.pt"))
     for part in config["parts"]:
         p = TrainParams(**part["params"])
         if storage.exists(part_marker(p.model_dir, rank)):
@@ -327,8 +345,7 @@ def train_part(p: TrainParams, part: dict[str, Any], saved: dict[str, Any] | Non
     if part.get("predict"):  # the model has rows to predict
         predict_shard = ray.train.get_dataset_shard(part["predict"])
         inner = model.module if hasattr(model, "module") else model
-        best = torch.load(io.BytesIO(storage.read_bytes(storage.join(p.model_dir, "best.pt"))),
-                          map_location="cpu", weights_only=False)  # fmt: skip
+        best = load_checkpoint(storage.join(p.model_dir, "best.pt"))
         inner.load_state_dict(best["model"])
         start = time.perf_counter()
         batches = predict_shard.iter_torch_batches(batch_size=p.batch_size)

@@ -11,8 +11,10 @@ pooled features.
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torchvision.models as tvm
@@ -152,12 +154,59 @@ def _base_model(arch: str, weights: str | None) -> nn.Module:
         ) from None
 
 
+def torch_load(uri: str, what: str = "checkpoint") -> Any:
+    """The object saved in ``uri``, unpickled with ``weights_only=True``: tensors, containers and plain
+    values only. A file from a shared or writable folder is untrusted; a full unpickle would run whatever
+    code its pickle names. Any failure is a ModelError naming the file (one line, no traceback)."""
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise ModelError(f"{what} not found: {uri}") from None
+    except OSError as exc:  # a folder, no permission, an I/O error
+        raise ModelError(f"{what} {uri} cannot be read ({brief_error(exc)})") from None
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise next to the error below
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # anything a crafted or damaged file raises becomes one clear line
+        raise ModelError(f"{what} {uri} cannot be loaded safely ({brief_error(exc)}); "
+                         "it may hold only tensors and plain values") from None  # fmt: skip
+
+
+def brief_error(exc: BaseException) -> str:
+    """``exc`` as one short line: torch's unpickling errors keep only the unpickler's own finding."""
+    text = " ".join(str(exc).split())
+    if text.startswith("Weights only load failed"):  # around the finding: advice to unpickle in full
+        for marker in ("WeightsUnpickler error:", "trusted source."):
+            if marker in text:
+                text = text.split(marker, 1)[1]
+                break
+        for tail in (" Please use", " Check the documentation"):
+            text = text.split(tail, 1)[0]
+        text = text.strip()
+    text = "".join(ch for ch in text if ch.isprintable())
+    if len(text) > 120 and ". " in text[:200]:  # the first sentence says it; the rest is boilerplate
+        text = text.split(". ", 1)[0] + "."
+    text = text[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def load_checkpoint(uri: str) -> dict[str, Any]:
+    """A training checkpoint (``best.pt``: ``model``, a state dict, and ``params``, plain values), loaded
+    without running code; anything else is a ModelError naming the file."""
+    saved = torch_load(uri)
+    model = saved.get("model") if isinstance(saved, dict) else None
+    params = saved.get("params") if isinstance(saved, dict) else None
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise ModelError(f"checkpoint {uri} holds no model state dict ('model')")
+    if not isinstance(params, dict):
+        raise ModelError(f"checkpoint {uri} holds no training parameters ('params')")
+    return saved
+
+
 def load_state(uri: str) -> dict[str, torch.Tensor]:
     """A state dict from a local or remote file (a bare state dict, or a checkpoint with 'model')."""
-    try:
-        obj = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelError(f"weights file not found: {uri}") from None
+    obj = torch_load(uri, "weights file")
     return obj.get("model", obj) if isinstance(obj, dict) else obj
 
 

@@ -20,8 +20,8 @@ def queries_for(cfg: SourceConfig, label: str) -> list[str]:
 
 
 class SearchStopped(RuntimeError):
-    """The provider stopped part-way (quota, auth): the candidates so far are kept, the search resumes
-    from its cache on the next run."""
+    """The provider stopped part-way (quota, auth, an answer of the wrong shape): the candidates so far
+    are kept, the search resumes from its cache on the next run."""
 
 
 def read(cfg: SourceConfig, name: str, cache_dir: str) -> Iterator[Candidate]:
@@ -40,8 +40,10 @@ def read(cfg: SourceConfig, name: str, cache_dir: str) -> Iterator[Candidate]:
                     continue
                 seen.add(hit.url)
                 found += 1
+                # A refused hit (an image URL that is not http(s)) keeps its reason: the normalize stage
+                # writes it as a rejected row and opens nothing.
                 yield Candidate(name, hit.url, encode_locator(hit.url), label, None, url=hit.url,
                                 page_url=hit.page_url, query=hit.query, engine=hit.engine, rank=hit.rank,
-                                license=hit.license)  # fmt: skip
+                                license=hit.license, reason=hit.reason, detail=hit.detail)  # fmt: skip
             if error:  # stop this provider; what it found so far stays
                 raise SearchStopped(error)

@@ -5,6 +5,7 @@ One server per provider: ``BraveImageSearchServer`` (Brave Search API, image sea
 (SerpApi Google Images API). Each takes a mapping query -> image URLs, the valid key(s) and an
 optional quota of successful calls, records every request in ``requests``, and exposes its full
 endpoint URL (``endpoint`` and a provider-named alias) for the ``CROPCLEAN_*_ENDPOINT`` variables.
+For hostile tests, ``redirect_to`` and ``answer_with`` replace the API's own answer.
 """
 
 from __future__ import annotations
@@ -89,6 +90,17 @@ class _ProviderServer(LoopbackServer):
         self.requests: list[RecordedRequest] = []
         self.successful_calls = 0
         self._lock = threading.Lock()
+        # Hostile modes, for tests: every search request is answered with a redirect to ``redirect_to``
+        # (the request's query string appended, as a proxy or an http->https hop would), or with a
+        # canned answer (``answer_with``) instead of the API's own.
+        self.redirect_to: str | None = None
+        self.redirect_status = 302
+        self._canned: tuple[int, bytes] | None = None
+
+    def answer_with(self, payload: Any, status: int = 200) -> None:
+        """Answer every search request with ``payload`` (JSON-encoded unless bytes) and ``status``."""
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self._canned = (status, body)
 
     @property
     def endpoint(self) -> str:
@@ -135,7 +147,16 @@ class _ProviderServer(LoopbackServer):
         with self._lock:
             self.requests.append(record)
         if h.route_path in (self.endpoint_path, *self.extra_paths):
-            self._search(h, head)
+            if self.redirect_to is not None:
+                query = urlsplit(h.path).query
+                h.send_redirect(self.redirect_to + (f"?{query}" if query else ""), head, self.redirect_status)
+            elif self._canned is not None:
+                status, body = self._canned
+                if not self._take_quota():  # the quota still counts, so that a runaway client ends
+                    status, body = 429, json.dumps({"error": "Quota exceeded."}).encode()
+                h.send_body(status, body, "application/json; charset=utf-8", head)
+            else:
+                self._search(h, head)
         elif h.route_path.startswith("/thumbs/"):
             h.send_body(200, image_bytes("thumb-" + _stem(h.route_path)), "image/jpeg", head)
         else:
