@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import time
+from urllib.parse import urlencode
 
 import pytest
 
 from pipeline.crawl.fetch import Fetcher, FetchParams, robots_optout
-from pipeline.crawl.guard import BlockedAddress, NetworkGuard
+from pipeline.crawl.guard import BadHost, BlockedAddress, NetworkGuard, ResolveError
 from pipeline.imaging import Normalized, NormalizeParams, normalize_bytes
-from pipeline.reasons import Reason, Status
+from pipeline.reasons import RETRYABLE, Reason, Status
 from tests.servers.hostile import ImageServer
 
+# Timeouts a loaded machine does not reach for a good image on loopback; /slow and /stall still end as
+# timeouts (by the 5 s deadline), and no test here asserts how long anything took.
 FAST = FetchParams(
-    connect_timeout=1.0, read_timeout=1.0, deadline=5.0, retries=1, backoff=0.05, max_retry_after=3.0,
+    connect_timeout=3.0, read_timeout=3.0, deadline=5.0, retries=1, backoff=0.05, max_retry_after=3.0,
     max_redirects=4, max_bytes=2 * 2**20, user_agent="cropclean-test/1",
 )  # fmt: skip
 
@@ -34,6 +38,21 @@ def fetcher():
 
 def fetch(fetcher: Fetcher, server: ImageServer, path: str):
     return fetcher.fetch(server.url(path))
+
+
+def echo(server: ImageServer, status: int = 200, *headers: str, body: str = "image") -> str:
+    """URL of an answer with ``status`` and the raw ``headers`` ("Name: value")."""
+    query = [("status", str(status)), ("body", body), *(("h", h) for h in headers)]
+    return server.url("/echo?" + urlencode(query))
+
+
+def wait_until(pred, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
 
 
 def decodes(data: bytes | None) -> bool:
@@ -71,11 +90,28 @@ def test_good_images_whatever_their_content_type(fetcher, server, path):
     ],
 )
 def test_hostile_routes(fetcher, server, path, status, reason):
-    start = time.monotonic()
+    # Endless routes end by the client's caps, not the server's own time bound: the outcome says which
+    # (too_large, timeout; the server giving up would read as a truncated body). The deadline has a test
+    # of its own below.
     got = fetch(fetcher, server, path)
     assert (got.status, got.reason) == (status, reason), got
     assert got.data is None
-    assert time.monotonic() - start < FAST.deadline + 2  # the per-URL deadline holds, retries included
+
+
+def test_the_deadline_cuts_a_slow_drip_and_leaves_no_time_for_retries(server):
+    # /slow sends a byte every 2 s: each read returns well before the 10 s read timeout, so only the total
+    # deadline (which also caps each socket wait) can end it. Once it has passed, no retry starts,
+    # whatever `retries` allows.
+    params = FetchParams(read_timeout=10.0, deadline=1.5, retries=3, backoff=0.01)
+    f = Fetcher(params, NetworkGuard.from_cidrs(["127.0.0.1/32"]))
+    server.reset()
+    try:
+        got = f.fetch(server.url("/slow"))
+    finally:
+        f.close()
+    assert (got.status, got.reason, got.tries) == (Status.FAILED, Reason.TIMEOUT, 1), got
+    assert server.hits["/slow"] == 1
+    assert wait_until(lambda: server.streaming == 0)  # the connection was dropped, not left dripping
 
 
 @pytest.mark.parametrize("path", ["/html-as-jpeg", "/truncated.jpg", "/image.svg", "/bomb.png", "/empty.jpg"])
@@ -103,17 +139,32 @@ def test_5xx_retried_with_backoff_then_success(fetcher, server):
 
 def test_time_queued_behind_the_per_host_cap_and_delay_does_not_count_against_the_deadline(server):
     # The waits are this fetcher's politeness towards the host, not the host's slowness: a URL the host
-    # serves at once must not time out for having queued.
-    params = FetchParams(read_timeout=0.6, deadline=0.5, retries=0, per_host=1, per_host_delay=0.8)
+    # serves at once must not time out for having queued. One slot per host: /stall takes it and holds it
+    # until its deadline cuts it off; the two image URLs queue behind it and behind the delay between
+    # request starts (2.5 s, then 5 s), longer than their own 2 s deadline.
+    deadline = 2.0
+    params = FetchParams(read_timeout=deadline, deadline=deadline, retries=0, per_host=1, per_host_delay=2.5)
     fetcher = Fetcher(params, NetworkGuard.from_cidrs(["127.0.0.1/32"]))
+
+    def timed(path: str):
+        start = time.monotonic()
+        got = fetch(fetcher, server, path)
+        return got, time.monotonic() - start
+
+    server.reset()
     try:
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            stalled = pool.submit(fetch, fetcher, server, "/stall")
-            time.sleep(0.1)  # /stall takes the one slot first and holds it until the deadline cuts it off
-            queued = [pool.submit(fetch, fetcher, server, f"/img/queued-{i}.jpg") for i in range(2)]
-            assert (stalled.result().status, stalled.result().reason) == (Status.FAILED, Reason.TIMEOUT)
-            for got in queued:  # each waited > 0.5 s for the slot and the delay before its request
-                assert got.result().status == Status.OK and decodes(got.result().data)
+            stalled = pool.submit(timed, "/stall")
+            # The server has the /stall request: its fetch holds the one slot (no sleep decides the order).
+            assert wait_until(lambda: server.hits["/stall"] == 1)
+            queued = [pool.submit(timed, f"/img/queued-{i}.jpg") for i in range(2)]
+            got, _ = stalled.result()
+            assert (got.status, got.reason) == (Status.FAILED, Reason.TIMEOUT)
+            for future in queued:
+                got, _ = future.result()
+                assert got.status == Status.OK and decodes(got.data), got
+            # The premise: the last one spent longer than its whole deadline before it was served.
+            assert queued[1].result()[1] > deadline
     finally:
         fetcher.close()
 
@@ -157,3 +208,88 @@ def test_unsupported_scheme():
     f = Fetcher(FAST, NetworkGuard())
     assert f.fetch("ftp://example.org/x.jpg").reason == Reason.UNSUPPORTED_SCHEME
     assert f.fetch("file:///etc/passwd").reason == Reason.UNSUPPORTED_SCHEME
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://host:99999/x.jpg",  # port out of range
+        "http://host:abc/",  # port not a number
+        "http://127.0.0.1:-1/x.jpg",
+        "http://127.0.0.1:0/x.jpg",
+        "http://[::1/x",  # unbalanced bracket
+        "http://[127.0.0.1]/x.jpg",  # IPv4 in brackets
+        "http://[v1.x]/x.jpg",
+        "http://exa mple.com/x.jpg",  # space in the host
+        "http://a..b/x.jpg",  # empty label
+        "http://exa\u200dmple.com/x.jpg",  # a joiner: no IDNA form
+        "http://h\uff0fx/x.jpg",  # fullwidth solidus: a different host after NFKC
+        "http:///x.jpg",  # no host
+        "https://" + "a" * 64 + ".example/x.jpg",  # label too long
+        "http://127.0.0.1/\ud800.jpg",  # a lone surrogate: no bytes to send
+    ],
+)
+def test_malformed_urls_are_bad_url_final_and_never_raise(url):
+    f = Fetcher(FAST, NetworkGuard.from_cidrs(["127.0.0.1/32"]))
+    got = f.fetch(url)
+    assert (got.status, got.reason, got.tries) == (Status.FAILED, Reason.BAD_URL, 1), got
+    assert not got.retryable and Reason.BAD_URL not in RETRYABLE
+    assert got.detail and got.detail.isprintable()
+    got.detail.encode("utf-8")  # fit for a manifest
+
+
+@pytest.mark.parametrize("value", ["garbage", "in a minute", "Mon, 99 Foo 99999 99:99:99 GMT"])
+def test_a_429_with_a_senseless_retry_after_is_a_normal_http_429(fetcher, server, value):
+    got = fetcher.fetch(echo(server, 429, f"Retry-After: {value}"))
+    assert (got.status, got.reason, got.http_status) == (Status.FAILED, Reason.HTTP_429, 429), got
+    assert got.retryable and got.tries == FAST.retries + 1
+
+
+def test_international_host_names_are_idna_encoded_for_resolution_and_the_host_header(server):
+    asked: list[str] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        asked.append(host)
+        if host in ("xn--bcher-kva.example", "xn--zca.example"):
+            return ["127.0.0.1"]
+        raise ResolveError(f"cannot resolve {host}")
+
+    guard = dataclasses.replace(NetworkGuard.from_cidrs(["127.0.0.1/32"]), resolver=resolver)
+    f = Fetcher(FAST, guard)
+    got = f.fetch(f"http://BÜCHER.example:{server.port}/host")
+    assert got.status == Status.OK and got.data == f"xn--bcher-kva.example:{server.port}".encode()
+    got = f.fetch(f"http://ß.example:{server.port}/host")  # UTS #46, not the old IDNA 2003 "ss"
+    assert got.status == Status.OK and got.data == f"xn--zca.example:{server.port}".encode()
+    assert all(h.isascii() for h in asked)
+    got = f.fetch(f"http://bücher.example:{server.port}/img/äpfel und birnen.jpg?q=ü#frag")
+    assert got.status == Status.OK and decodes(got.data)  # path and query percent-encoded as UTF-8
+    assert server.hits["/img/%C3%A4pfel%20und%20birnen.jpg"] >= 1
+
+
+def test_redirect_locations_are_checked_like_urls(fetcher, server):
+    blocked = Reason.BLOCKED_PRIVATE_ADDRESS
+    with ImageServer(host="127.0.0.2") as other:  # loopback, but outside the allowed 127.0.0.1/32
+        cases = {
+            "Location: http://[::1": (Status.FAILED, Reason.BAD_URL),
+            "Location: http://host:99999/x.jpg": (Status.FAILED, Reason.BAD_URL),
+            "Location: http://exa\u200dmple.com/x.jpg": (Status.FAILED, Reason.BAD_URL),
+            "Location: file:///etc/passwd": (Status.REJECTED, Reason.UNSUPPORTED_SCHEME),
+            "Location: javascript:alert(1)": (Status.REJECTED, Reason.UNSUPPORTED_SCHEME),
+            f"Location: http://127.0.0.2:{other.port}/img/x.jpg": (Status.REJECTED, blocked),
+            "Location:    ": (Status.FAILED, "http_302"),
+            "Location: /img/grüße.jpg": (Status.OK, None),  # raw UTF-8 bytes in the header
+            f"Location: //127.0.0.1:{server.port}/img/relative-scheme.jpg": (Status.OK, None),
+        }  # fmt: skip
+        for header, expected in cases.items():
+            got = fetcher.fetch(echo(server, 302, header))
+            assert (got.status, got.reason) == expected, (header, got)
+            assert got.detail is None or got.detail.isprintable()
+        assert sum(other.hits.values()) == 0
+    assert server.hits["/img/gr%C3%BC%C3%9Fe.jpg"] == 1
+
+
+def test_guard_refuses_hosts_without_a_wire_form():
+    guard = NetworkGuard()
+    for host in ("exa mple.com", "a..b", "exa\u200dmple.com", "x%41.com", "a" * 64 + ".com", ""):
+        with pytest.raises(BadHost):
+            guard.resolve(host, 80)

@@ -5,17 +5,23 @@ Per URL: connect and read timeouts and a total deadline; retries with exponentia
 that every hop passes the network guard and connects to the very address the guard checked; the body
 streamed with a byte cap that also bounds decompressed content; ``X-Robots-Tag: noai``/``noimageai``
 honoured. The content itself is validated later, by decoding it (Content-Type is never trusted).
+
+Nothing a URL or a server sends makes ``fetch`` raise: a URL that does not parse (a port out of range, a
+broken IPv6 literal, a host with no IDNA form) is ``bad_url``, final; a redirect's Location gets the
+same treatment; header values that make no sense (``Retry-After: soon``) are ignored. Host names go on
+the wire IDNA-encoded and paths percent-encoded, whatever the URL held.
 """
 
 from __future__ import annotations
 
 import email.utils
+import math
 import random
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import certifi
 import urllib3
@@ -28,11 +34,15 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
-from pipeline.crawl.guard import BlockedAddress, NetworkGuard, ResolveError
+from pipeline.crawl.guard import BadHost, BlockedAddress, NetworkGuard, ResolveError, ascii_host
 from pipeline.reasons import RETRYABLE, Reason, Status, http_reason
 
 _REDIRECTS = {301, 302, 303, 307, 308}
 _AI_OPTOUTS = ("noai", "noimageai")
+# Printable ASCII goes on the request line as it is (a '%' already escaping something included); spaces,
+# control characters and everything beyond ASCII are percent-encoded (as UTF-8), as browsers do.
+_WIRE_SAFE = "".join(map(chr, range(0x21, 0x7F)))
+_DETAIL_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -118,13 +128,79 @@ def robots_optout(header_values: list[str]) -> bool:
 
 
 def _retry_after(value: str | None) -> float | None:
-    if not value:
+    """Seconds to wait from a Retry-After value (seconds or an HTTP date); None when it makes no sense."""
+    if not value or not value.strip():
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value) if value else None
-        return max(0.0, when.timestamp() - time.time()) if when else None
+        try:
+            seconds = email.utils.parsedate_to_datetime(value.strip()).timestamp() - time.time()
+        except (ValueError, TypeError, IndexError, OverflowError, OSError):
+            return None
+    return None if math.isnan(seconds) else max(0.0, seconds)
+
+
+def detail_text(text: str) -> str:
+    """``text`` fit for a row's detail: valid UTF-8 (stray surrogates escaped), printable, short."""
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 3] + "..."
+
+
+def _header_text(value: str) -> str:
+    """A header value as text. http.client reads header bytes as Latin-1; servers that put non-ASCII in a
+    Location send UTF-8, so read those bytes as UTF-8 where they are."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
+
+
+def _bad_url(detail: str) -> FetchOutcome:
+    return FetchOutcome(Status.FAILED, Reason.BAD_URL, detail_text(detail))
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where one request goes: the parts of a URL in the form they are sent."""
+
+    scheme: str
+    host: str  # IP literal or IDNA-encoded name, lower case
+    port: int
+    path: str  # path and query, percent-encoded ASCII
+    host_header: str
+
+
+def _target(url: str) -> _Target:
+    """The request for ``url``; _Abort with ``bad_url`` or ``unsupported_scheme`` when there is none."""
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            shown = f"{scheme}:" if scheme else "a URL without a scheme"
+            raise _Abort(
+                FetchOutcome(Status.REJECTED, Reason.UNSUPPORTED_SCHEME, detail_text(f"cannot fetch {shown}"))
+            )
+        explicit = parts.port  # ValueError for a port that is not a number in 0-65535
+        if explicit == 0:
+            raise _Abort(_bad_url("port 0"))
+        host = ascii_host(parts.hostname or "")
+        if parts.netloc.rpartition("@")[2].startswith("[") and ":" not in host:
+            raise _Abort(_bad_url(f"[{host}] in brackets is not an IPv6 address"))
+        # Bytes that were not UTF-8 (kept as surrogate escapes) are sent as they were; a lone surrogate
+        # of any other kind has no bytes at all and raises UnicodeEncodeError: a bad URL too.
+        path = quote(parts.path or "/", safe=_WIRE_SAFE, errors="surrogateescape")
+        if parts.query:
+            path += "?" + quote(parts.query, safe=_WIRE_SAFE, errors="surrogateescape")
+    except BadHost as exc:
+        raise _Abort(_bad_url(str(exc))) from None
+    except ValueError as exc:  # urlsplit and .port (brackets, port, NFKC tricks), unencodable text
+        raise _Abort(_bad_url(f"{type(exc).__name__}: {exc}")) from None
+    port = explicit or (443 if scheme == "https" else 80)
+    netloc_host = f"[{host}]" if ":" in host else host
+    host_header = netloc_host if explicit is None else f"{netloc_host}:{explicit}"
+    return _Target(scheme, host, port, path, host_header)
 
 
 class Fetcher:
@@ -167,12 +243,17 @@ class Fetcher:
             self._pools.clear()
 
     def fetch(self, url: str) -> FetchOutcome:
-        """Fetch ``url``; never raises for anything the network or the server does."""
+        """Fetch ``url``; never raises, whatever the URL, the network or the server does."""
         p = self.params
         deadline = _Deadline(p.deadline)
         outcome = FetchOutcome(Status.FAILED, Reason.TIMEOUT, "deadline passed before the first try")
         for attempt in range(p.retries + 1):
-            outcome = self._follow(url, deadline)
+            try:
+                outcome = self._follow(url, deadline)
+            except Exception as exc:  # a defect here, not the URL's fault: still one outcome, never a halt
+                outcome = FetchOutcome(
+                    Status.FAILED, Reason.INTERNAL_ERROR, detail_text(f"{type(exc).__name__}: {exc}")
+                )
             outcome.tries = attempt + 1
             if not outcome.retryable or attempt == p.retries:
                 break
@@ -186,20 +267,25 @@ class Fetcher:
 
     def _follow(self, url: str, deadline: _Deadline) -> FetchOutcome:
         current = url
-        for _ in range(self.params.max_redirects + 1):
+        for hop in range(self.params.max_redirects + 1):
             try:
                 response = self._request(current, deadline)
             except _Abort as abort:
+                if hop and abort.outcome.reason in (Reason.BAD_URL, Reason.UNSUPPORTED_SCHEME):
+                    abort.outcome.detail = detail_text(f"redirected: {abort.outcome.detail}")
                 return abort.outcome
             if response.status in _REDIRECTS:
                 location = response.headers.get("Location")
                 response.close()  # its body is not wanted: drop the connection rather than read it
                 response.release_conn()
-                if not location:
+                if not location or not location.strip():
                     return FetchOutcome(
                         Status.FAILED, http_reason(response.status), "redirect without Location"
                     )
-                current = urljoin(current, location)
+                try:
+                    current = urljoin(current, _header_text(location).strip())
+                except ValueError as exc:  # the next hop is checked like the first: _target does the rest
+                    return _bad_url(f"redirect to a malformed URL: {exc}")
                 continue
             return self._read(response, current, deadline)
         return FetchOutcome(
@@ -208,24 +294,20 @@ class Fetcher:
 
     def _request(self, url: str, deadline: _Deadline) -> urllib3.BaseHTTPResponse:
         p = self.params
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise _Abort(
-                FetchOutcome(Status.REJECTED, Reason.UNSUPPORTED_SCHEME, f"cannot fetch {parts.scheme}:")
-            )
-        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        target = _target(url)
+        host, port = target.host, target.port
         try:
             ip = str(self.guard.resolve(host, port)[0])
         except BlockedAddress as exc:
-            raise _Abort(FetchOutcome(Status.REJECTED, Reason.BLOCKED_PRIVATE_ADDRESS, str(exc))) from None
+            raise _Abort(
+                FetchOutcome(Status.REJECTED, Reason.BLOCKED_PRIVATE_ADDRESS, detail_text(str(exc)))
+            ) from None
+        except BadHost as exc:
+            raise _Abort(_bad_url(str(exc))) from None
         except ResolveError as exc:
-            raise _Abort(FetchOutcome(Status.FAILED, Reason.DNS_ERROR, str(exc))) from None
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        netloc_host = f"[{host}]" if ":" in host else host
+            raise _Abort(FetchOutcome(Status.FAILED, Reason.DNS_ERROR, detail_text(str(exc)))) from None
         headers = {
-            "Host": netloc_host if parts.port is None else f"{netloc_host}:{parts.port}",
+            "Host": target.host_header,
             "User-Agent": p.user_agent,
             "Accept": "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.9,*/*;q=0.5",
             "Accept-Encoding": "gzip, deflate",
@@ -239,13 +321,15 @@ class Fetcher:
                     raise _Abort(FetchOutcome(Status.FAILED, Reason.TIMEOUT, "total deadline passed"))
                 connect, read = min(p.connect_timeout, left), min(p.read_timeout, left)
                 timeout = urllib3.Timeout(connect=connect, read=read)
-                return self._pool(parts.scheme, host, port, ip).urlopen(
-                    "GET", path, headers=headers, redirect=False, retries=False, timeout=timeout,
+                return self._pool(target.scheme, host, port, ip).urlopen(
+                    "GET", target.path, headers=headers, redirect=False, retries=False, timeout=timeout,
                     preload_content=False, decode_content=True, assert_same_host=False,
                 )  # fmt: skip
+        except NewConnectionError as exc:  # refused, unreachable; urllib3 derives it from ConnectTimeoutError
+            raise _Abort(FetchOutcome(Status.FAILED, Reason.CONNECTION_ERROR, type(exc).__name__)) from None
         except (ConnectTimeoutError, ReadTimeoutError, TimeoutError) as exc:
             raise _Abort(FetchOutcome(Status.FAILED, Reason.TIMEOUT, type(exc).__name__)) from None
-        except (NewConnectionError, ProtocolError, HTTPError, OSError) as exc:
+        except (ProtocolError, HTTPError, OSError) as exc:
             raise _Abort(FetchOutcome(Status.FAILED, Reason.CONNECTION_ERROR, type(exc).__name__)) from None
 
     def _read(self, response: urllib3.BaseHTTPResponse, url: str, deadline: _Deadline) -> FetchOutcome:

@@ -1,13 +1,21 @@
 """SSRF guard: refuse hosts that resolve to private, loopback, link-local, multicast, reserved or cloud
 metadata addresses, unless an explicitly allowed network contains them. Checked for every hop of a
-redirect chain, on the addresses the connection will actually use (no second DNS lookup to rebind)."""
+redirect chain, on the addresses the connection will actually use (no second DNS lookup to rebind).
+
+Host names are put in their wire form first (``ascii_host``): IP literals as they are, names lower-cased
+and IDNA-encoded (UTS #46, as browsers do), so that ``bücher.example`` is resolved, and sent in the Host
+header, as ``xn--bcher-kva.example``. A host that has no such form is ``BadHost``.
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+
+import idna
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -31,6 +39,43 @@ class ResolveError(Exception):
     """The host name could not be resolved."""
 
 
+class BadHost(ResolveError):
+    """The host is neither an IP literal nor a name that can be written in DNS (a malformed URL)."""
+
+
+# One DNS label in its ASCII form. Underscores are not valid in host names, but DNS carries them and some
+# image hosts use them; anything else (spaces, '%', control characters) never resolves.
+_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
+
+
+def ascii_host(host: str) -> str:
+    """``host`` (as ``urlsplit(...).hostname`` gives it) in the form it is resolved and sent in: an IP
+    literal unchanged, a name lower-cased and IDNA-encoded. BadHost when there is no such form."""
+    if not host:
+        raise BadHost("no host")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        if not host.isascii() or not host.isprintable():  # an IPv6 zone id may be any text
+            raise BadHost(f"{host!r}: not an address")
+        return host
+    if ":" in host:  # only IPv6 literals have colons, and this is none
+        raise BadHost(f"{host!r}: not an IPv6 address")
+    name = host
+    if not name.isascii():
+        try:
+            name = idna.encode(name, uts46=True).decode("ascii")
+        except (UnicodeError, ValueError) as exc:
+            raise BadHost(f"{host!r}: not a valid international host name ({exc})") from None
+    name = name.lower()
+    labels = name[:-1].split(".") if name.endswith(".") else name.split(".")
+    if len(name) > 254 or not all(_LABEL.fullmatch(label) for label in labels):
+        raise BadHost(f"{host!r}: not a valid host name")
+    return name
+
+
 def _unmap(ip: IPAddress) -> IPAddress:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         return ip.ipv4_mapped
@@ -51,6 +96,8 @@ class NetworkGuard:
 
     allow: tuple[IPNetwork, ...] = field(default_factory=tuple)
     enabled: bool = True
+    # (host, port) -> addresses; the system resolver when None. Tests map names to loopback with it.
+    resolver: Callable[[str, int], Sequence[str]] | None = field(default=None, compare=False)
 
     @classmethod
     def from_cidrs(cls, cidrs: Iterable[str], enabled: bool = True) -> NetworkGuard:
@@ -63,17 +110,32 @@ class NetworkGuard:
         return is_public(ip) or any(ip in net for net in self.allow if net.version == ip.version)
 
     def resolve(self, host: str, port: int) -> list[IPAddress]:
-        """The host's addresses, all of them allowed; raises BlockedAddress or ResolveError."""
-        try:
-            literal = ipaddress.ip_address(host.strip("[]"))
-            addresses: list[IPAddress] = [literal]
-        except ValueError:
-            try:
-                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except (socket.gaierror, UnicodeError) as exc:
-                raise ResolveError(f"cannot resolve {host}: {exc}") from None
-            addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
+        """The host's addresses, all of them allowed; raises BlockedAddress, BadHost or ResolveError."""
+        host = ascii_host(host.strip("[]"))
+        if ":" in host or _is_ipv4(host):
+            addresses: list[IPAddress] = [ipaddress.ip_address(host)]
+        else:
+            found = self.resolver(host, port) if self.resolver else _system_resolve(host, port)
+            addresses = list(dict.fromkeys(ipaddress.ip_address(a.split("%")[0]) for a in found))
+            if not addresses:
+                raise ResolveError(f"cannot resolve {host}: no addresses")
         blocked = [a for a in addresses if not self.allowed(a)]
         if blocked:  # one bad address is enough: a resolver may hand out either
             raise BlockedAddress(f"{host} resolves to {blocked[0]}, a non-public address")
         return addresses
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _system_resolve(host: str, port: int) -> list[str]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, ValueError) as exc:
+        raise ResolveError(f"cannot resolve {host}: {exc}") from None
+    return [str(info[4][0]) for info in infos]

@@ -3,6 +3,10 @@
 ``ImageServer`` serves valid images alongside slow, stalled, endless, mislabelled, redirecting,
 compressed-bomb and opt-out responses. Every endless or slow route bounds itself in time and
 bytes, and stops as soon as its client goes away, so a test run can never hang on it.
+
+``/echo`` answers with whatever status and headers its query asks for (raw bytes, UTF-8 included), so
+that a test can send any Location, Retry-After or Content-Length it can think of. A server can listen
+on another loopback address (``ImageServer(host="127.0.0.2")``): one the network guard blocks.
 """
 
 from __future__ import annotations
@@ -169,11 +173,11 @@ class _Httpd(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, owner: LoopbackServer) -> None:
+    def __init__(self, owner: LoopbackServer, host: str = "127.0.0.1") -> None:
         self.owner = owner
         self.active: set[socket.socket] = set()
         self.active_lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), RequestHandler)
+        super().__init__((host, 0), RequestHandler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients hanging up mid-response is the normal case here, not an error worth a traceback.
@@ -282,16 +286,18 @@ class RequestHandler(BaseHTTPRequestHandler):
 
 
 class LoopbackServer:
-    """An HTTP server on 127.0.0.1 with an ephemeral port, served from a daemon thread.
+    """An HTTP server on a loopback address (127.0.0.1 unless ``host`` says another) with an ephemeral
+    port, served from a daemon thread.
 
     Use as a context manager (or call ``start``/``stop``). Subclasses implement ``_route``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self._closing = threading.Event()
-        self._httpd = _Httpd(self)
+        self._httpd = _Httpd(self, host)
+        self.host = host
         self.port: int = self._httpd.server_address[1]
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.base_url = f"http://{host}:{self.port}"
         self._thread: threading.Thread | None = None
         self._streaming = 0
         self._streaming_lock = threading.Lock()
@@ -370,11 +376,14 @@ class ImageServer(LoopbackServer):
     ``hits`` counts requests per path (query string dropped). ``request_times[key]`` holds the
     ``time.monotonic()`` of each ``/ratelimit/<key>`` request. ``reset()`` clears both and all
     per-key state. ``robots_txt``, when given, is served at ``/robots.txt`` (otherwise 404).
-    ``max_seconds`` is the hard stop of every slow or endless route.
+    ``max_seconds`` is the hard stop of every slow or endless route. The bodies that take time to build
+    (the bombs) are built on ``start``, so that no request waits for them.
     """
 
-    def __init__(self, robots_txt: str | None = None, max_seconds: float = DEFAULT_MAX_SECONDS) -> None:
-        super().__init__()
+    def __init__(
+        self, robots_txt: str | None = None, max_seconds: float = DEFAULT_MAX_SECONDS, host: str = "127.0.0.1"
+    ) -> None:
+        super().__init__(host)
         self.robots_txt = robots_txt
         self.max_seconds = max_seconds
         self.hits: collections.Counter[str] = collections.Counter()
@@ -432,6 +441,10 @@ class ImageServer(LoopbackServer):
                 200, (h.headers.get("User-Agent") or "").encode(), "text/plain; charset=utf-8", head
             ),
             "/robots.txt": self._robots,
+            "/host": lambda h, head: h.send_body(
+                200, (h.headers.get("Host") or "").encode(), "text/plain; charset=utf-8", head
+            ),
+            "/echo": self._echo,
         }
         self._prefixed: list[tuple[str, _PrefixRoute]] = [
             ("/img/", self._img),
@@ -441,6 +454,11 @@ class ImageServer(LoopbackServer):
             ("/redirect/", self._redirect),
             ("/page/", self._page),
         ]
+
+    def start(self) -> Self:
+        for build in (gzip_bomb, bomb_png, cmyk_jpeg, animated_gif):  # cached: built once per process
+            build()
+        return super().start()
 
     def reset(self) -> None:
         """Clear ``hits``, ``request_times`` and every per-key counter."""
@@ -543,6 +561,29 @@ class ImageServer(LoopbackServer):
             h.send_body(200, image_bytes("redirect-target"), "image/jpeg", head)
         else:
             h.send_redirect(f"/redirect/{n - 1}", head)
+
+    def _echo(self, h: RequestHandler, head: bool) -> None:
+        """``/echo?status=302&h=Location: /img/a.jpg&h=Retry-After: soon&body=image&name=a``: the status line,
+        each ``h`` header as raw UTF-8 bytes (CR, LF and NUL dropped, nothing else checked), then a body:
+        ``image`` (JPEG of ``name``, the default), ``html``, ``garbage`` or ``empty``. A Content-Length is
+        added unless one is given (a wrong one included); the connection closes after every answer."""
+        status = h.param("status", "200") or ""
+        status = status if len(status) == 3 and status.isascii() and status.isdigit() else "400"
+        kind = h.param("body", "image") or "image"
+        bodies = {"html": html_page("Echo"), "garbage": b"\x00\xff garbage " * 40, "empty": b""}
+        body = image_bytes(h.param("name", "echo") or "echo") if kind == "image" else bodies.get(kind, b"")
+        lines = [f"HTTP/1.1 {status} Echo".encode()]
+        given = []
+        for raw in h.query.get("h", []):
+            name, _, value = raw.partition(":")
+            clean = "".join(ch for ch in f"{name}:{value}" if ch not in "\r\n\x00")
+            lines.append(clean.encode("utf-8", "surrogateescape"))
+            given.append(name.strip().lower())
+        if "content-length" not in given and "transfer-encoding" not in given:
+            lines.append(f"Content-Length: {len(body)}".encode())
+        lines.append(b"Connection: close")
+        h.close_connection = True
+        h.write(b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head or status.startswith("1") else body))
 
     def _truncated(self, h: RequestHandler, head: bool) -> None:
         full = image_bytes("truncated")
