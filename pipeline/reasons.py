@@ -28,10 +28,12 @@ class Reason(StrEnum):
     UNSUPPORTED_SCHEME = "unsupported_scheme"
     BAD_URL = "bad_url"  # malformed URL (port, host, brackets, encoding): final, never retried
     UNSUPPORTED_URL = "unsupported_url"  # a locator that is neither http(s) nor a path allowed to be read
+    INTERNAL_ERROR = "internal_error"  # an unexpected exception for one input (a defect): final, see detail
     ROBOTS_OPTOUT = "robots_optout"
     # names that would become paths (pipeline/names.py)
     BAD_LABEL = "bad_label"
     BAD_SPLIT = "bad_split"
+    BAD_IMAGE_ID = "bad_image_id"  # an image id that cannot name a file: a manifest edited by hand
     # decoding and validation
     NOT_AN_IMAGE = "not_an_image"
     UNSUPPORTED_FORMAT = "unsupported_format"

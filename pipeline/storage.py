@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 
 import fsspec
@@ -16,18 +17,30 @@ def get_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+_SEGMENTS = re.compile(r"/|::")
+
+
 class UnsafePath(ValueError):
     """A path part that would climb out of the folder it is joined to."""
 
 
 def join(base: str, *parts: str) -> str:
     """Join URI parts with '/', keeping the scheme of ``base``. The result stays under ``base``: a part
-    with a ``..`` segment or a NUL byte raises UnsafePath (leading slashes are dropped, as always)."""
+    with a ``..`` segment (between slashes or before ``::``, where fsspec cuts a path) or a NUL byte, or
+    one that is not text, raises UnsafePath; leading and trailing slashes are dropped, so an absolute
+    part lands under ``base`` too. ``base`` itself is trusted.
+
+    Backslashes are ordinary characters here (POSIX paths, object keys); names from strangers are
+    checked further by ``pipeline.names`` before they reach a path."""
     if not parts:
         return base
+    for part in parts:
+        if not isinstance(part, str):
+            raise UnsafePath(f"{part!r} is not a path (under {base})")
     cleaned = [p.strip("/") for p in parts]
     for part in cleaned:
-        if "\x00" in part or ".." in part.split("/"):
+        # fsspec cuts a path at '::' (a protocol chain), so "a/..::b" opens as "a/..": both split segments.
+        if "\x00" in part or ".." in _SEGMENTS.split(part):
             raise UnsafePath(f"{part!r} would leave {base}")
     return posixpath.join(base.rstrip("/"), *cleaned)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,7 @@ import pandas as pd
 
 from pipeline import manifests, storage
 from pipeline.config import RunConfig, build_config, load_config_file
+from pipeline.names import id_problem, label_problem, split_problem
 from pipeline.stages.train import model_dir
 from pipeline.summary import read_metrics
 
@@ -33,11 +35,57 @@ class RunData:
         return sorted(ok["label"].dropna().unique())
 
 
+log = logging.getLogger("cropclean")
+
+# Manifest columns whose values name files of the report (thumbs/<id>.jpg, heat/<id>/<label>.png).
+_NAME_CHECKS = (
+    ("image_id", id_problem),
+    ("kept_id", id_problem),
+    ("label", label_problem),
+    ("suggested_label", label_problem),
+    ("split", split_problem),
+)
+
+
+def _path_problem(out: str, path: str) -> bool:
+    try:
+        storage.join(out, path)
+    except storage.UnsafePath:
+        return True
+    return False
+
+
+def confined(out: str, name: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` without the rows whose image id, label or split cannot name a file under OUT, and with
+    no ``path`` that leads out of OUT. cropclean writes no such row (names are checked where they enter
+    and again by the split stage); a manifest edited by hand can hold one, and the report then leaves it
+    out rather than name a file after it."""
+    keep = pd.Series(True, index=frame.index)
+    for column, problem in _NAME_CHECKS:
+        if column in frame:
+            values = frame[column]
+            bad = [v for v in values.dropna().unique() if problem(v)]
+            keep &= ~values.isin(bad)
+    if not keep.all():
+        log.warning("report: %d rows of %s left out: an image id, label or split that cannot name a file",
+                    int((~keep).sum()), name)  # fmt: skip
+    frame = frame[keep]
+    if "path" in frame:
+        bad_path = frame["path"].map(lambda p: isinstance(p, str) and _path_problem(out, p))
+        if bad_path.any():
+            log.warning(
+                "report: %d paths of %s lead out of the run's folder; not read", int(bad_path.sum()), name
+            )
+            frame = frame.assign(path=frame["path"].where(~bad_path, None))
+    return frame
+
+
 def _manifest(out: str, name: str, columns: list[str] | None = None) -> pd.DataFrame:
-    """A manifest, or an empty frame of its columns when the stage that writes it has not run."""
+    """A manifest, or an empty frame of its columns when the stage that writes it has not run; rows
+    that would name a file outside OUT are left out (``confined``)."""
     uri = storage.join(out, "manifests", f"{name}.parquet")
     if storage.exists(uri):
-        return manifests.read_manifest(name, uri, columns=columns)
+        return confined(out, name, manifests.read_manifest(name, uri, columns=columns))
     return pd.DataFrame(columns=columns or manifests.load_schema(name).names)
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 from pipeline import progress, storage
 from pipeline.crop.localize import FCNEnsemble, load_classifier
 from pipeline.models.data import load_rgb, normalize
+from pipeline.names import safe_id, safe_label
 from pipeline.report.thumbs import THUMB_SIDE
 from pipeline.stages.train import model_dir
 
@@ -33,8 +34,9 @@ class HeatJob:
 
 
 def heat_name(image_id: str, cls: str) -> str:
-    """An overlay's path relative to the report folder (class names are folder names in the dataset)."""
-    return f"heat/{image_id}/{cls}.png"
+    """An overlay's path relative to the report folder (class names are folder names in the dataset).
+    Both come from manifests: one that cannot be a path segment under OUT raises UnsafeName."""
+    return f"heat/{safe_id(image_id)}/{safe_label(cls)}.png"
 
 
 def class_heat(maps: Sequence, cls: int, width: int, height: int, tw: int, th: int) -> np.ndarray:

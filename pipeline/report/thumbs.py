@@ -9,14 +9,16 @@ from concurrent.futures import ThreadPoolExecutor
 from PIL import Image
 
 from pipeline import progress, storage
+from pipeline.names import safe_id
 
 THUMB_SIDE = 160  # longest side, pixels
 THUMB_QUALITY = 80
 
 
 def thumb_name(image_id: str) -> str:
-    """A thumbnail's path relative to the report folder."""
-    return f"thumbs/{image_id}.jpg"
+    """A thumbnail's path relative to the report folder; an id that cannot name a file (a manifest
+    edited by hand) raises UnsafeName."""
+    return f"thumbs/{safe_id(image_id)}.jpg"
 
 
 def _make(out: str, report_dir: str, image_id: str, path: str) -> bool:

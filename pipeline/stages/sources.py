@@ -45,14 +45,21 @@ def image_id_for(source: str, source_key: str) -> str:
 
 
 def checked(c: Candidate) -> Candidate:
-    """``c``, refused with a reason when its label or split cannot name a folder under OUT."""
-    if c.reason:
+    """``c``, refused with a reason when its label or split cannot name a folder under OUT.
+
+    A bad label or split is never kept, not even on a candidate refused already for its locator: the
+    images manifest holds no name that a path builder would refuse. The original is in ``detail``."""
+    label_bad = label_problem(c.label) if c.label is not None else None
+    split_bad = split_problem(c.split) if c.split is not None else None
+    if not label_bad and not split_bad:
         return c
-    if c.label is not None and (problem := label_problem(c.label)):
-        return replace(c, label=None, reason=Reason.BAD_LABEL, detail=f"label {c.label!r}: {problem}")
-    if c.split is not None and (problem := split_problem(c.split)):
-        return replace(c, split=None, reason=Reason.BAD_SPLIT, detail=f"split {c.split!r}: {problem}")
-    return c
+    found = [f"label {c.label!r}: {label_bad}"] if label_bad else []
+    found += [f"split {c.split!r}: {split_bad}"] if split_bad else []
+    cleared = replace(c, label=None if label_bad else c.label, split=None if split_bad else c.split)
+    if c.reason:  # refused already: that reason stands, the bad names are noted after its detail
+        return replace(cleared, detail="; ".join([*([c.detail] if c.detail else []), *found]))
+    reason = Reason.BAD_LABEL if label_bad else Reason.BAD_SPLIT
+    return replace(cleared, reason=reason, detail="; ".join(found))
 
 
 def candidates_uri(ctx: RunContext) -> str:

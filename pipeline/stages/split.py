@@ -4,6 +4,10 @@ Splits the source declares are kept (Food-101's train/test; an ImageFolder's tra
 When the source gives train and test only, a share of each class's train images moves to val. When it
 gives none, each class is split by the configured fractions. Order within a class is a salted hash of
 ``image_id``, so the same inputs always give the same split.
+
+Names are checked again here (``refuse_bad_names``): an ok row whose image id, label or split cannot name
+a path under OUT (a manifest of an older version, a hand edit) leaves as ``bad_image_id``, ``bad_label``
+or ``bad_split``, so that the images manifest this stage writes holds no such name.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import pandas as pd
 from pipeline import manifests
 from pipeline.annotate.verdicts import apply_overrides, digest, read_overrides
 from pipeline.config import RunConfig
+from pipeline.names import id_problem, label_problem, split_problem
 from pipeline.reasons import Reason, Status
 from pipeline.stages.base import RunContext, Stage
 from pipeline.stages.dedupe import images_uri as deduped_images_uri
@@ -43,6 +48,36 @@ def _assign_by_fraction(idx: pd.Index, rank: pd.Series, fractions: list[tuple[st
     return out
 
 
+_NAME_CHECKS = (
+    ("image_id", id_problem, Reason.BAD_IMAGE_ID),
+    ("label", label_problem, Reason.BAD_LABEL),
+    ("split", split_problem, Reason.BAD_SPLIT),
+)
+
+
+def refuse_bad_names(images: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Ok rows whose image id, label or split cannot name a path under OUT leave the dataset with the
+    reason (and the name in ``detail``); no row keeps such a label or split. New runs refuse these at the
+    source; this catches a manifest written by an older version or edited by hand, and a relabel to a
+    bad name in the verdicts. Returns the rows and how many left."""
+    images = images.copy()
+    left = 0
+    for column, problem, reason in _NAME_CHECKS:
+        values = images[column]
+        # Checked once per distinct value: a manifest holds few labels and splits, many rows.
+        found = {v: p for v in values.dropna().unique() if (p := problem(v))}
+        if not found:
+            continue
+        bad = values.isin(list(found))
+        refuse = bad & (images["status"] == Status.OK)
+        images.loc[refuse, "detail"] = [f"{column} {v!r}: {found[v]}" for v in values[refuse]]
+        images.loc[refuse, ["status", "reason", "split"]] = [Status.REJECTED.value, reason.value, None]
+        if column != "image_id":  # the id names the row; a bad label or split is not kept anywhere
+            images.loc[bad, column] = None
+        left += int(refuse.sum())
+    return images, left
+
+
 class SplitStage(Stage):
     name = "split"
     config_sections: ClassVar[tuple[str, ...]] = ("split", "balance")
@@ -57,6 +92,7 @@ class SplitStage(Stage):
     def run(self, ctx: RunContext) -> dict[str, Any]:
         cfg, bal = ctx.cfg.split, ctx.cfg.balance
         images = manifests.read_manifest("images", deduped_images_uri(ctx))
+        images, bad_names = refuse_bad_names(images)
         ok = images["status"] == Status.OK
         unlabeled = ok & images["label"].isna()
         images.loc[unlabeled, ["status", "reason", "detail"]] = [
@@ -109,6 +145,7 @@ class SplitStage(Stage):
         images.loc[images["status"] != Status.OK, "split"] = None
         # Verdicts last, so that the split of every other image stays what it was without them.
         images, applied = apply_overrides(images, read_overrides(ctx.out))
+        images, relabelled_bad = refuse_bad_names(images)  # a relabel to a name that cannot be a folder
         manifests.write_manifest("images", images, ctx.manifest("images"))
         final = images[images["status"] == Status.OK]
         return {
@@ -118,4 +155,5 @@ class SplitStage(Stage):
             "classes_dropped": len(small),
             "capped": capped,
             "verdicts": applied,
+            "bad_names": bad_names + relabelled_bad,
         }
