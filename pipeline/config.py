@@ -52,6 +52,18 @@ class SourceConfig(_Section):
 
     _absolute_uri = field_validator("uri")(lambda v: absolute_local(v))
 
+    @field_validator("classes")
+    @classmethod
+    def _classes_are_folders(cls, v: list[str]) -> list[str]:
+        from pipeline.names import (
+            label_problem,  # a class that cannot be a folder would only be refused later
+        )
+
+        bad = [f"{c!r} ({problem})" for c in v if (problem := label_problem(c))]
+        if bad:
+            raise ValueError(f"class names become folders under OUT: {', '.join(bad)}")
+        return v
+
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> SourceConfig:
         if self.kind == "search":
@@ -73,8 +85,19 @@ class RayConfig(_Section):
     address: str | None = Field(
         None, description="Cluster address; default: RAY_ADDRESS, else a local instance."
     )
-    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local instance.")
-    num_gpus: int | None = Field(None, ge=0, description="GPUs for a local instance.")
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs for a local instance (ignored, with a warning, when one already runs)."
+    )
+    num_gpus: int | None = Field(None, ge=0, description="GPUs for a local instance (likewise).")
+    stall_timeout: float = Field(
+        600.0,
+        ge=0,
+        description="Seconds a stage may wait for resources no node has free, with nothing else moving, "
+        "before a warning names what waits and what the nodes have free; 0: off.",
+    )
+    stall_fail: bool = Field(
+        False, description="After that warning, end the run (exit 1) instead of waiting."
+    )
 
 
 class NormalizeConfig(_Section):
@@ -186,6 +209,15 @@ class MemberConfig(_Section):
         None, description="None (random init), a torchvision weights name (DEFAULT, IMAGENET1K_V1) or a file."
     )
     input_size: int | None = Field(None, ge=8, description="Training input side; default: the arch's own.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder(cls, v: str | None) -> str | None:
+        from pipeline.names import label_problem
+
+        if v is not None and (problem := label_problem(v)):
+            raise ValueError(f"names the folder OUT/models/<name>/: {problem}")
+        return v
 
     @field_validator("weights")
     @classmethod
@@ -412,7 +444,10 @@ def apply_set(doc: dict[str, Any], assignment: str) -> dict[str, Any]:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. dedupe.radius=8")
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: the value is not valid YAML: {_yaml_problem(exc)}") from exc
     parts = key.strip().split(".")
     doc = json.loads(json.dumps(doc))  # deep copy of plain data
     node: Any = doc
@@ -451,15 +486,29 @@ def build_config(
     return validate_config(merged)
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: where and what (PyYAML's own text spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem).split())
+
+
 def load_config_file(uri: str) -> dict[str, Any]:
+    """The document of a run config file. ConfigError, one line, when it is missing, a folder, not
+    UTF-8 text, not YAML, or not a mapping; PermissionError when it may not be read."""
     from pipeline import storage
 
     try:
         doc = yaml.safe_load(storage.read_text(uri))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{uri}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{uri}: not valid YAML: {_yaml_problem(exc)}") from exc
     except FileNotFoundError as exc:
         raise ConfigError(f"{uri}: no such config file") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"{uri}: a folder, not a config file") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{uri}: not a config file (not UTF-8 text)") from exc
     if doc is None:
         return {}
     if not isinstance(doc, dict):
@@ -536,7 +585,7 @@ def _explain(exc: ValidationError) -> str:
         else:
             msg = f"{where}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err else "")
         lines.append(msg)
-    return "invalid run config:\n  " + "\n  ".join(lines)
+    return "invalid run config: " + "; ".join(lines)  # one line: what a command prints
 
 
 # ------------------------------------------------------------------------------------------- reference

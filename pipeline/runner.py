@@ -14,13 +14,20 @@ from typing import Any
 from pipeline import progress, storage
 from pipeline.config import RayConfig, RunConfig
 from pipeline.faults import FaultPlan
+from pipeline.resources import amounts
 from pipeline.stages.base import RunContext, Stage, StageResult
+from pipeline.watchdog import Watchdog
 
 log = logging.getLogger("cropclean")
 
 
 def ensure_ray(cfg: RayConfig) -> None:
-    """Connect to the cluster named by the config or RAY_ADDRESS, else start a local instance."""
+    """Connect to the cluster named by the config or RAY_ADDRESS, else start a local instance.
+
+    With neither, Ray itself connects to an instance that `ray start --head` left running on this
+    machine, and refuses ``num_cpus``/``num_gpus`` then: the run connects without them and says, in one
+    line, that they were ignored and what to do to have them.
+    """
     import ray
 
     if ray.is_initialized():
@@ -29,13 +36,32 @@ def ensure_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(
-            num_cpus=cfg.num_cpus,
-            num_gpus=cfg.num_gpus,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-        )
+        try:
+            ray.init(
+                num_cpus=cfg.num_cpus,
+                num_gpus=cfg.num_gpus,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+            )
+        except ValueError as exc:
+            if "connecting to an existing cluster" not in str(exc):
+                raise
+            ray.init(logging_level=logging.WARNING)
+            log.warning(existing_instance_warning(cfg, ray.get_runtime_context().gcs_address,
+                                                  ray.cluster_resources()))  # fmt: skip
     configure_ray_data()
+
+
+def existing_instance_warning(cfg: RayConfig, address: str, resources: dict[str, float]) -> str:
+    """One line: a local Ray instance was already running, the settings it ignores, what to do."""
+    settings = {"ray.num_cpus": cfg.num_cpus, "ray.num_gpus": cfg.num_gpus}
+    ignored = " and ".join(f"{k}={v}" for k, v in settings.items() if v is not None)
+    has = amounts(resources.get("CPU", 0), resources.get("GPU", 0))
+    return (
+        f"ray: a Ray instance was already running on this machine (at {address}, from `ray start`); "
+        f"connected to it ({has}), and {ignored} ignored. Run `ray stop` first to start a fresh instance "
+        f"with these settings, or pass --set ray.address=auto to connect on purpose."
+    )
 
 
 def configure_ray_data() -> None:
@@ -109,7 +135,8 @@ def run_stages(cfg: RunConfig, stages: Sequence[Stage], faults: FaultPlan | None
             chain += f"#{stats.get('fingerprint', '')}"
             continue
         progress.stage_running(stage.name)
-        result = stage.timed_run(ctx)
+        with Watchdog(stage.name, cfg.ray.stall_timeout, cfg.ray.stall_fail):
+            result = stage.timed_run(ctx)
         progress.stage_done(stage.name, result.seconds)
         # What later stages depend on includes this stage's output, not only its config: a re-run that
         # retried failed downloads changes the output, and what follows must run again.

@@ -188,9 +188,10 @@ def test_members_train_at_once_when_the_cluster_has_room_and_one_by_one_when_not
     assert concurrency(pairs, 3, {"CPU": 16, "GPU": 4}, gpu=True) == 2  # two 2-GPU trainings
     three = ingest_config("data", "out", "train.concurrent_members=3", "train.cpus_per_worker=0.5")
     assert concurrency(three, 4, {"CPU": 8}, False) == 3
-    # 1.5 CPUs held by workers leave no whole CPU for the augmentation tasks: it would wait forever.
+    assert concurrency(three, 4, {"CPU": 2}, False) == 3  # half a CPU left: the data tasks ask for half each
+    # 1.5 CPUs held by workers leave nothing for the augmentation tasks: it would wait forever.
     with pytest.raises(ConfigError, match=r"train\.concurrent_members 3 .* 1\.5 CPUs"):
-        concurrency(three, 4, {"CPU": 2}, False)
+        concurrency(three, 4, {"CPU": 1.5}, False)
 
 
 def test_selection_rules_keep_the_best_val_top1_or_the_least_val_loss():

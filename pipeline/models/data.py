@@ -128,9 +128,11 @@ def decode_rows(rows: pd.DataFrame, out: str, size: int, as_float: bool) -> dict
 
 
 def ray_dataset(rows: pd.DataFrame, out: str, size: int, augment: Augment | None, batch_size: int = 32,
-                cache_bytes: int = 2**30, seed: int = 0):  # fmt: skip
+                cache_bytes: int = 2**30, seed: int = 0, num_cpus: float = 1.0):  # fmt: skip
     """A Ray Dataset of these rows' images (or of their boxes, when the rows have box columns): decoded
-    and normalized (evaluation), or decoded then augmented afresh each epoch (training)."""
+    and normalized (evaluation), or decoded then augmented afresh each epoch (training). Each of its
+    tasks asks for ``num_cpus``: less than a whole CPU where the training workers it feeds leave only
+    part of one on a node (``pipeline.stages.train.data_cpus``)."""
     import ray
 
     frame = decode_frame(rows)
@@ -138,12 +140,12 @@ def ray_dataset(rows: pd.DataFrame, out: str, size: int, augment: Augment | None
         frame = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     base_size = decoded_size(size, augment)
     decoded = ray.data.from_pandas(frame).map_batches(
-        decode_batch, batch_size=batch_size, batch_format="numpy",
+        decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
         fn_kwargs={"out": out, "size": base_size, "as_float": augment is None},
     )  # fmt: skip
     if decoded_bytes(len(rows), size, augment) <= cache_bytes:
         decoded = decoded.materialize()
     if augment is None:
         return decoded
-    return decoded.map_batches(augment_batch, batch_size=batch_size, batch_format="numpy",
+    return decoded.map_batches(augment_batch, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
                                fn_kwargs={"size": size, "augment": augment})  # fmt: skip

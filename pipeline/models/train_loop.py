@@ -201,7 +201,7 @@ def save_torch(obj: Any, uri: str) -> None:
     storage.write_bytes_atomic(uri, buf.getvalue())
 
 
-def _maybe_die(p: TrainParams, epoch: int, batch: int) -> None:
+def _maybe_die(p: TrainParams, state: LoopState, epoch: int, batch: int) -> None:
     """Fault injection: end this worker process abruptly, once, in the middle of an epoch."""
     if epoch not in p.kill_at_epochs or batch != 1:
         return
@@ -210,8 +210,32 @@ def _maybe_die(p: TrainParams, epoch: int, batch: int) -> None:
         storage.write_text_atomic(marker, "killed\n")
         # Ray Train registers a reported checkpoint when its controller next polls the workers; on tiny
         # test epochs, wait for that as the middle of a real epoch would have.
-        time.sleep(5)
+        if state.history:
+            _wait_until_registered(state.history[-1])
         os._exit(137)
+
+
+def _wait_until_registered(reported: dict[str, Any], timeout_s: float = 600.0) -> None:
+    """Wait until Ray Train's controller has registered the checkpoint reported with ``reported`` (its
+    checkpoint manager's snapshot in the run's storage names the latest one), rather than for a fixed
+    time that a busy machine can outlast."""
+    import ray.train
+
+    run_storage = ray.train.get_context().get_storage()
+    fs, path = run_storage.storage_filesystem, run_storage.checkpoint_manager_snapshot_path
+    want = {k: json.dumps(v) for k, v in reported.items()}  # as text: NaN equals NaN
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with fs.open_input_stream(path) as fh:
+                latest = json.loads(fh.read()).get("latest_checkpoint_result") or {}
+        except (OSError, ValueError):
+            latest = {}
+        metrics = latest.get("metrics") or {}
+        if all(json.dumps(metrics.get(k)) == v for k, v in want.items()):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"Ray Train registered no checkpoint with {reported} in {timeout_s:g} s")
 
 
 def load_resume_state(path: str) -> dict[str, Any]:
@@ -298,7 +322,9 @@ def train_part(p: TrainParams, part: dict[str, Any], saved: dict[str, Any] | Non
         set_trainable(model, p, epoch)  # re-applies eval() on frozen batch norms after train()
         t0 = time.perf_counter()
         batches = train_batches(train_shard, p, epoch)
-        train = run_epoch(model, batches, device, optimizer, on_batch=lambda i, e=epoch: _maybe_die(p, e, i))
+        train = run_epoch(
+            model, batches, device, optimizer, on_batch=lambda i, e=epoch: _maybe_die(p, state, e, i)
+        )
         t1 = time.perf_counter()
         val = run_epoch(model, val_shard.iter_torch_batches(batch_size=p.batch_size), device, None)
         t2 = time.perf_counter()
@@ -349,7 +375,9 @@ def train_part(p: TrainParams, part: dict[str, Any], saved: dict[str, Any] | Non
         inner.load_state_dict(best["model"])
         start = time.perf_counter()
         batches = predict_shard.iter_torch_batches(batch_size=p.batch_size)
-        rows, probs = predict_batches(inner, batches, device, on_batch=lambda i: _maybe_die(p, p.epochs, i))
+        rows, probs = predict_batches(
+            inner, batches, device, on_batch=lambda i: _maybe_die(p, state, p.epochs, i)
+        )
         buf = io.BytesIO()
         np.savez(buf, row=rows, probs=probs, seconds=time.perf_counter() - start)
         storage.write_bytes_atomic(

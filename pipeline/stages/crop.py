@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -32,17 +34,22 @@ from pipeline.config import RunConfig
 from pipeline.crop import judge, select
 from pipeline.crop.localize import FCNEnsemble, Located, Saliency, load_classifier, whole_image_probs
 from pipeline.models.data import load_rgb, normalize, training_rows
+from pipeline.names import UnsafeName, safe_id, safe_label, safe_split
 from pipeline.reasons import Reason
+from pipeline.resources import Node, PlacementError, Request, alive_nodes, as_nodes, describe_nodes, fit_count
 from pipeline.stages.base import Resources, RunContext, Stage, drain
 from pipeline.stages.train import fold_of, model_dir
 from pipeline.summary import update_metrics
+
+log = logging.getLogger("cropclean")
 
 SIMILARNET_IMAGES = 256  # val images that measure SIMILARnet's filter importances
 
 
 def cropped_path(split: str, label: str, image_id: str) -> str:
-    """Where an image's crop goes, relative to the run's output URI (ImageFolder layout)."""
-    return f"cropped/{split}/{label}/{image_id}.jpg"
+    """Where an image's crop goes, relative to the run's output URI (ImageFolder layout). The names come
+    from the images manifest: one that cannot be a path segment under OUT raises UnsafeName."""
+    return f"cropped/{safe_split(split)}/{safe_label(label)}/{safe_id(image_id)}.jpg"
 
 
 @dataclass
@@ -216,10 +223,13 @@ class CropWorker:
             return {"reason": Reason.BLACKLISTED}
         if not self.s.export:
             return {}
+        try:
+            path = cropped_path(row["split"], row["label"], row["image_id"])
+        except UnsafeName as exc:  # a manifest edited by hand: the row says why, nothing is written
+            return {"reason": exc.reason}
         x0, y0, x1, y1 = box
         buf = io.BytesIO()
         Image.fromarray(picture[y0:y1, x0:x1]).save(buf, format="JPEG", quality=self.s.jpeg_quality)
-        path = cropped_path(row["split"], row["label"], row["image_id"])
         storage.write_bytes_atomic(storage.join(self.s.out, path), buf.getvalue())
         return {"path": path}
 
@@ -265,12 +275,34 @@ def use_gpu(cfg: RunConfig) -> bool:
     return choice == "yes" or (choice == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
 
 
-def default_actors(cfg: RunConfig, resources: dict[str, float], gpu: bool) -> int:
-    """As many actors as the cluster holds: its GPUs over ``gpus_per_actor`` on a GPU cluster, else its
-    CPUs over ``cpus_per_actor`` (the stage runs alone, and its input is in memory: no read tasks)."""
-    if gpu:
-        return max(1, int(resources.get("GPU", 0) / cfg.crop.gpus_per_actor + 1e-9))
-    return max(1, int(resources.get("CPU", 1) / cfg.crop.cpus_per_actor + 1e-9))
+def default_actors(cfg: RunConfig, resources: Mapping[str, float] | Sequence[Node], gpu: bool) -> int:
+    """As many actors as the nodes hold: on a GPU cluster each node's GPUs over ``gpus_per_actor`` (as far
+    as its CPUs hold ``cpus_per_actor`` each), else its CPUs over ``cpus_per_actor``, summed over the
+    nodes (an actor lives on one node: 1.5 CPUs on one and 0.5 on another hold one 1-CPU actor, not
+    two). The stage runs alone, and its input is in memory: no read tasks. 0 when no node holds one. A
+    mapping of totals (``ray.cluster_resources()``) is taken as one node."""
+    c = cfg.crop
+    return fit_count(as_nodes(resources), c.cpus_per_actor, c.gpus_per_actor if gpu else 0.0)
+
+
+def crop_actors(cfg: RunConfig, nodes: Sequence[Node], gpu: bool, stage: str = "crop") -> int:
+    """The actor pool's size: ``crop.actors``, or as many as the nodes hold; fails at once when no node
+    holds one actor, and starts only as many as fit when ``crop.actors`` asks for more (the others would
+    wait for a node forever)."""
+    c = cfg.crop
+    fit = default_actors(cfg, nodes, gpu)
+    actor = Request("actor", c.cpus_per_actor, c.gpus_per_actor if gpu else 0.0)
+    if fit == 0:
+        settings = "crop.cpus_per_actor" + (", crop.gpus_per_actor" if gpu else "")
+        raise PlacementError(
+            f"{stage}: an actor of {actor.shape()} ({settings}) fits on no node "
+            f"({describe_nodes(nodes)}). Lower {settings}, or add a node that large."
+        )
+    if c.actors and c.actors > fit:
+        log.warning("%s: crop.actors is %d but the nodes hold %d of %s (%s); starting %d", stage, c.actors,
+                    fit, actor.shape(), describe_nodes(nodes), fit)  # fmt: skip
+        return fit
+    return c.actors or fit
 
 
 class CropStage(Stage):
@@ -340,7 +372,7 @@ class CropStage(Stage):
         import ray
 
         gpu = use_gpu(cfg)
-        actors = cfg.crop.actors or default_actors(cfg, ray.cluster_resources(), gpu)
+        actors = crop_actors(cfg, alive_nodes(), gpu)
         columns = ["image_id", "split", "label", "label_idx", "path", "fold", "cross_label", "verified"]
         # Rows sorted by size so that batches hold images of one pyramid.
         frame = todo[columns].assign(_size=todo["width"] * 100_000 + todo["height"]).sort_values("_size")

@@ -12,6 +12,7 @@ import hashlib
 import io
 import time
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any, ClassVar
@@ -22,12 +23,14 @@ import pyarrow.ipc as ipc
 
 from pipeline import manifests, storage
 from pipeline.config import FetchConfig
-from pipeline.crawl.fetch import Fetcher, FetchParams
+from pipeline.crawl.fetch import Fetcher, FetchParams, detail_text
 from pipeline.crawl.guard import NetworkGuard
 from pipeline.faults import FaultPlan
 from pipeline.imaging import Normalized, NormalizeParams, normalize_bytes
 from pipeline.reasons import RETRYABLE, Reason, Status
+from pipeline.resources import alive_nodes, require_task_cpus
 from pipeline.sources import decode_locator
+from pipeline.sources.locators import inside, is_http, source_roots
 from pipeline.stages.base import Resources, RunContext, Stage, drain
 from pipeline.stages.sources import candidates_uri
 
@@ -45,7 +48,8 @@ def blob_path(sha256: str) -> str:
 
 
 def is_url(locator: str) -> bool:
-    return locator.lower().startswith(("http://", "https://"))
+    """An http(s) URL: the guarded fetcher's to download (a malformed one included: it says bad_url)."""
+    return is_http(locator)
 
 
 def fetcher_for(cfg: FetchConfig) -> Fetcher:
@@ -62,14 +66,26 @@ def _read_limited(locator: str, max_bytes: int) -> bytes | None:
     return None if len(data) > max_bytes else data
 
 
-def obtain(locator: str, fetcher: Fetcher | None, max_bytes: int) -> tuple[bytes | None, dict[str, Any]]:
-    """The input's bytes, or None and the row fields saying why not."""
+def obtain(
+    locator: str, fetcher: Fetcher | None, max_bytes: int, roots: Sequence[str] = ()
+) -> tuple[bytes | None, dict[str, Any]]:
+    """The input's bytes, or None and the row fields saying why not.
+
+    An http(s) URL goes to the guarded fetcher; anything else is read only when it lies inside one of
+    ``roots`` (the folders of the candidate's source). The sources refuse other locators already; this
+    is the second check, so that no source can hand fsspec a chain, a scheme or a path elsewhere."""
     if is_url(locator):
         assert fetcher is not None
         got = fetcher.fetch(locator)
         if got.status != Status.OK:
             return None, {"status": got.status, "reason": got.reason, "detail": got.detail}
         return got.data, {}
+    if not any(inside(locator, root) for root in roots):
+        return None, {
+            "status": Status.REJECTED,
+            "reason": Reason.UNSUPPORTED_URL,
+            "detail": "not an http(s) URL and not inside a folder of its source",
+        }
     try:
         data = _read_limited(locator, max_bytes)
     except FileNotFoundError:
@@ -90,21 +106,29 @@ def obtain(locator: str, fetcher: Fetcher | None, max_bytes: int) -> tuple[bytes
 
 
 def process_candidate(cand: dict[str, Any], params: NormalizeParams, max_bytes: int, out: str,
-                      fetcher: Fetcher | None = None) -> dict[str, Any]:  # fmt: skip
-    """One candidate row in, one images row out. Never raises for bad input."""
+                      fetcher: Fetcher | None = None,
+                      roots: Sequence[str] = ()) -> dict[str, Any]:  # fmt: skip
+    """One candidate row in, one images row out. Never raises for bad input: whatever goes wrong in
+    obtaining and validating it is a row with a reason (``roots``: see ``obtain``)."""
     row: dict[str, Any] = {k: cand.get(k) for k in _CARRIED}
     row["attempts"] = int(cand.get("attempts") or 0) + 1
     if cand.get("reason"):  # refused where it entered: nothing is opened for it
         return row | {"status": Status.REJECTED, "reason": cand["reason"], "detail": cand.get("detail")}
-    data, failure = obtain(decode_locator(cand["locator"]), fetcher, max_bytes)
-    if data is None:
-        return row | failure
-    row["bytes"] = len(data)
-    row["sha256"] = hashlib.sha256(data).hexdigest()
-    result = normalize_bytes(data, params)
+    try:
+        data, failure = obtain(decode_locator(cand["locator"]), fetcher, max_bytes, roots)
+        if data is None:
+            detail = failure.get("detail")
+            return row | failure | {"detail": None if detail is None else detail_text(str(detail))}
+        row["bytes"] = len(data)
+        row["sha256"] = hashlib.sha256(data).hexdigest()
+        result = normalize_bytes(data, params)
+    except Exception as exc:  # the last net: a defect met by one input is its row, never a halted shard
+        return row | {"status": Status.FAILED, "reason": Reason.INTERNAL_ERROR,
+                      "detail": detail_text(f"{type(exc).__name__}: {exc}")}  # fmt: skip
     if not isinstance(result, Normalized):
         fields = asdict(result)
-        return row | {"status": Status.REJECTED, "reason": result.reason, "detail": fields["detail"],
+        detail = None if fields["detail"] is None else detail_text(str(fields["detail"]))
+        return row | {"status": Status.REJECTED, "reason": result.reason, "detail": detail,
                       "format": fields["format"], "mode": fields["mode"],
                       "orig_width": fields["orig_width"], "orig_height": fields["orig_height"]}  # fmt: skip
     path = blob_path(result.jpeg_sha256)
@@ -131,20 +155,26 @@ def _table_from_bytes(data: bytes) -> pa.Table:
 
 
 def run_shard(item: dict[str, Any], *, params: NormalizeParams, max_bytes: int, fetch: FetchConfig, out: str,
-              ledger_dir: str, run_id: str, faults: FaultPlan) -> dict[str, Any]:  # fmt: skip
-    """Ray Data task: process one shard of candidates and write its rows as one ledger file."""
+              ledger_dir: str, run_id: str, faults: FaultPlan,
+              roots: dict[str, tuple[str, ...]]) -> dict[str, Any]:  # fmt: skip
+    """Ray Data task: process one shard of candidates and write its rows as one ledger file. Files are
+    read only inside ``roots[source]``, the folders of the candidate's own source (see ``obtain``)."""
     shard = int(item["shard"])
     faults.check(NormalizeStage.name, shard)
     cands = _table_from_bytes(item["rows"]).to_pylist()
-    if any(is_url(decode_locator(c["locator"])) for c in cands):
-        fetcher = fetcher_for(fetch)
+    fetcher = fetcher_for(fetch) if any(is_url(decode_locator(c["locator"])) for c in cands) else None
+
+    def one(c: dict[str, Any]) -> dict[str, Any]:
+        return process_candidate(c, params, max_bytes, out, fetcher, roots.get(c["source"], ()))
+
+    if fetcher is not None:
         try:  # downloads wait on the network: many at once, order kept
             with ThreadPoolExecutor(max_workers=fetch.concurrency) as pool:
-                rows = list(pool.map(lambda c: process_candidate(c, params, max_bytes, out, fetcher), cands))
+                rows = list(pool.map(one, cands))
         finally:
             fetcher.close()
     else:
-        rows = [process_candidate(c, params, max_bytes, out) for c in cands]
+        rows = [one(c) for c in cands]
     table = pa.Table.from_pylist(rows, schema=manifests.load_schema("images").arrow_schema())
     manifests.write_manifest("images", table, storage.join(ledger_dir, f"part-{run_id}-{shard:06d}.parquet"))
     return {"shard": shard, "rows": len(rows)}
@@ -207,8 +237,10 @@ class NormalizeStage(Stage):
                         "ledger_dir": ledger_dir,
                         "run_id": run_id,
                         "faults": ctx.faults,
+                        "roots": source_roots(ctx.cfg.sources),
                     },
-                    num_cpus=self.resources.cpus,
+                    # A whole CPU each, or what the largest node has when less; none at all: a one-line error.
+                    num_cpus=require_task_cpus(self.name, alive_nodes(), self.resources.cpus),
                 )
             )
 

@@ -127,7 +127,8 @@ class PredictStage(Stage):
     def run(self, ctx: RunContext) -> dict[str, Any]:
         import ray
 
-        from pipeline.stages.crop import batch_blocks, default_actors, use_gpu
+        from pipeline.resources import alive_nodes
+        from pipeline.stages.crop import batch_blocks, crop_actors, use_gpu
 
         cfg = ctx.cfg
         classes = json.loads(storage.read_text(storage.join(self.models, "models", "classes.json")))
@@ -141,8 +142,10 @@ class PredictStage(Stage):
         )  # fmt: skip
         columns = ["image_id", "source_key", "path", "width", "height"]
         frame = ok[columns].sort_values(["width", "height"]).reset_index(drop=True)  # batches of one size
+        for member_dir in settings.model_dirs:  # another run's folder: a bad checkpoint is one line naming it
+            load_classifier(member_dir)  # here, not in an actor, whose failure Ray reports without its cause
         gpu = use_gpu(cfg)
-        actors = cfg.crop.actors or default_actors(cfg, ray.cluster_resources(), gpu)
+        actors = crop_actors(cfg, alive_nodes(), gpu, self.name)
         ds = ray.data.from_pandas(batch_blocks(frame, cfg.crop.batch_size)).map_batches(
             PredictWorker, fn_constructor_kwargs={"settings": settings}, batch_size=cfg.crop.batch_size,
             batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors),

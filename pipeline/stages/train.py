@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -21,12 +23,25 @@ import numpy as np
 import pandas as pd
 
 from pipeline import manifests, storage
-from pipeline.config import ConfigError, MemberConfig, RunConfig
+from pipeline.config import MemberConfig, RunConfig
 from pipeline.models.data import Augment, decoded_bytes, ray_dataset, training_rows
 from pipeline.models.train_loop import TrainParams, part_marker, predictions_dir, train_loop_per_worker
 from pipeline.models.zoo import ARCHS
+from pipeline.resources import (
+    MIN_TASK_CPUS,
+    Node,
+    PlacementError,
+    Request,
+    alive_nodes,
+    as_nodes,
+    describe_nodes,
+    place,
+    task_cpus,
+)
 from pipeline.stages.base import Resources, RunContext, Stage
 from pipeline.summary import update_metrics
+
+log = logging.getLogger("cropclean")
 
 TOPK = 5  # classes kept per prediction ...
 FULL_VECTOR_CLASSES = 20  # ... unless there are at most this many: then all of them
@@ -120,8 +135,9 @@ class DatasetCache:
     dataset is read afresh by its training, as without the cache.
     """
 
-    def __init__(self, cfg: RunConfig, out: str, augment: Augment | None = None, budget: int = 2**30) -> None:
-        self.cfg, self.out, self.budget = cfg, out, budget
+    def __init__(self, cfg: RunConfig, out: str, augment: Augment | None = None, budget: int = 2**30,
+                 task_cpus: float = 1.0) -> None:  # fmt: skip
+        self.cfg, self.out, self.budget, self.task_cpus = cfg, out, budget, task_cpus
         self.augment = augment or augmentation(cfg)
         self.shared: dict[tuple[int, int], Any] = {}
 
@@ -131,7 +147,8 @@ class DatasetCache:
         if share and key in self.shared:
             return self.shared[key]
         need = decoded_bytes(len(rows), size, augment)
-        ds = ray_dataset(rows, self.out, size, augment, t.batch_size, cache_bytes=self.budget, seed=t.seed)
+        ds = ray_dataset(rows, self.out, size, augment, t.batch_size, cache_bytes=self.budget, seed=t.seed,
+                         num_cpus=self.task_cpus)  # fmt: skip
         if need <= self.budget:
             self.budget -= need
         if share:
@@ -162,10 +179,8 @@ def fit_all(
     in an earlier run with the same key are not trained again. ``augment``: the training augmentation,
     when not ``train``'s.
     """
-    import ray
-
-    resources, gpu = ray.cluster_resources(), use_gpu(cfg.train.use_gpu)
-    check_room(cfg, resources, gpu)
+    nodes, gpu = alive_nodes(), use_gpu(cfg.train.use_gpu)
+    check_room(cfg, nodes, gpu)
     results: dict[int, dict[str, Any]] = {}
     todo = []
     for i, (job, _) in enumerate(jobs):
@@ -177,8 +192,11 @@ def fit_all(
     members: dict[str, list[int]] = {}
     for i in todo:
         members.setdefault(jobs[i][0].params.member, []).append(i)
-    at_once = concurrency(cfg, max(1, len(members)), resources, gpu)  # checked before any decoding
-    cache = DatasetCache(cfg, ctx.out, augment)
+    at_once = concurrency(cfg, max(1, len(members)), nodes, gpu)  # checked before any decoding
+    share = data_cpus(cfg, at_once, nodes, gpu) or MIN_TASK_CPUS
+    log.info("%s: %d training(s) at once; data tasks ask for %g CPU (nodes: %s)", stage, at_once, share,
+             describe_nodes(nodes))  # fmt: skip
+    cache = DatasetCache(cfg, ctx.out, augment, task_cpus=share)
     prepared = {i: cache.job(*jobs[i]) for i in todo}
     with ThreadPoolExecutor(max_workers=at_once) as pool:
         done = pool.map(
@@ -336,43 +354,68 @@ def prediction_rows(job: Job, probs: np.ndarray, classes: list[str]) -> pd.DataF
     })  # fmt: skip
 
 
-def check_room(cfg: RunConfig, resources: dict[str, float], gpu: bool) -> None:
-    """Fail now, with what to change, when one training cannot fit: Ray would wait for it forever."""
+def worker_request(cfg: RunConfig, gpu: bool, trainings: int = 1) -> Request:
+    """What ``trainings`` trainings at once hold for as long as they run: their Ray Train workers."""
     t = cfg.train
-    cpus, need = resources.get("CPU", 0), t.cpus_per_worker * t.num_workers + 1
-    if cpus < need:
-        raise ConfigError(
-            f"train: one training needs {need:g} CPUs (train.num_workers x train.cpus_per_worker, plus one "
-            f"for the data tasks feeding it); the cluster has {cpus:g}. Lower train.cpus_per_worker or "
-            f"train.num_workers, or give Ray more CPUs (ray.num_cpus)."
+    return Request("training worker", t.cpus_per_worker, 1.0 if gpu else 0.0, trainings * t.num_workers)
+
+
+def data_cpus(cfg: RunConfig, trainings: int, resources: Mapping[str, float] | Sequence[Node],
+              gpu: bool) -> float | None:  # fmt: skip
+    """The CPUs each Ray Data task feeding ``trainings`` trainings asks for: a whole CPU, or what the
+    workers leave on the node with the most room when that is less (half a CPU beside a half-CPU worker
+    on a 1-CPU node); None when they leave less than ``MIN_TASK_CPUS`` anywhere. A mapping of totals is
+    taken as one node."""
+    return task_cpus(as_nodes(resources), [worker_request(cfg, gpu, trainings)])
+
+
+def check_room(cfg: RunConfig, resources: Mapping[str, float] | Sequence[Node], gpu: bool) -> None:
+    """Fail now, with what to change, when one training cannot be placed on the nodes with room beside
+    it for the data tasks feeding it: Ray would wait for it forever."""
+    nodes = as_nodes(resources)
+    workers = worker_request(cfg, gpu)
+    if not place(nodes, [workers]).placed:
+        raise PlacementError(
+            f"train: one training's workers ({workers.text()}: train.num_workers, train.cpus_per_worker"
+            f"{', a GPU each' if gpu else ''}) do not fit on the nodes ({describe_nodes(nodes)}). Lower "
+            f"train.cpus_per_worker or train.num_workers{', or set train.use_gpu: no' if gpu else ''}, or "
+            f"add nodes."
         )
-    if gpu and resources.get("GPU", 0) < t.num_workers:
-        raise ConfigError(
-            f"train: train.num_workers is {t.num_workers} with a GPU each; the cluster has "
-            f"{resources.get('GPU', 0):g} GPUs. Lower train.num_workers or set train.use_gpu: no."
+    if data_cpus(cfg, 1, nodes, gpu) is None:
+        raise PlacementError(
+            f"train: one training's workers ({workers.text()}) leave less than {MIN_TASK_CPUS:g} CPU on "
+            f"every node for the data tasks feeding them (nodes: {describe_nodes(nodes)}). Lower "
+            f"train.cpus_per_worker or train.num_workers, or add nodes."
         )
 
 
-def concurrency(cfg: RunConfig, jobs: int, resources: dict[str, float], gpu: bool) -> int:
-    """Trainings at once: as configured, else as many as the cluster's CPUs (or GPUs) hold."""
-    t = cfg.train
+def concurrency(cfg: RunConfig, jobs: int, resources: Mapping[str, float] | Sequence[Node], gpu: bool) -> int:
+    """Trainings at once: as configured, else as many as the nodes hold with room for their data tasks
+    (on CPUs, training workers get at most half the CPUs, the data tasks feeding them the rest). A mapping
+    of totals (``ray.cluster_resources()``) is taken as one node."""
+    t, nodes = cfg.train, as_nodes(resources)
     if t.concurrent_members:
-        held = t.concurrent_members * t.num_workers * t.cpus_per_worker
-        if not gpu and held + 1 > resources.get("CPU", 0):
-            # Every epoch's augmentation tasks need a whole CPU that no training worker holds: without
-            # one, all the trainings wait for them forever.
-            raise ConfigError(
+        if data_cpus(cfg, t.concurrent_members, nodes, gpu) is None:
+            held = t.concurrent_members * t.num_workers * t.cpus_per_worker
+            # Every epoch's augmentation tasks need CPUs beside the workers: without them, all the
+            # trainings wait for them forever.
+            raise PlacementError(
                 f"train: train.concurrent_members {t.concurrent_members} trainings hold {held:g} CPUs "
-                f"(x train.num_workers x train.cpus_per_worker) and leave less than one of the cluster's "
-                f"{resources.get('CPU', 0):g} for their data tasks. Lower train.concurrent_members, or "
-                f"leave it unset to train as many at once as fit."
+                f"(x train.num_workers x train.cpus_per_worker{', a GPU each' if gpu else ''}) and cannot "
+                f"be placed with {MIN_TASK_CPUS:g} CPU left on a node for their data tasks (nodes: "
+                f"{describe_nodes(nodes)}). Lower train.concurrent_members, or leave it unset to train as "
+                f"many at once as fit."
             )
         return t.concurrent_members
     if gpu:
-        slots = resources.get("GPU", 0) // t.num_workers
+        slots = sum(n.gpus for n in nodes) // t.num_workers
     else:  # training workers get half the CPUs; the data tasks feeding them the other half
-        slots = resources.get("CPU", 1) / 2 // (t.cpus_per_worker * t.num_workers)
-    return int(max(1, min(jobs, slots)))
+        slots = sum(n.cpus for n in nodes) / 2 // (t.cpus_per_worker * t.num_workers)
+    at_once = int(max(1, min(jobs, slots)))
+    # Totals are not enough: each worker and each task lives on one node.
+    while at_once > 1 and data_cpus(cfg, at_once, nodes, gpu) is None:
+        at_once -= 1
+    return at_once
 
 
 class TrainStage(Stage):
