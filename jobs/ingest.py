@@ -2,6 +2,9 @@
 
 Takes the same arguments as ``cropclean ingest`` and connects to the cluster it is submitted to
 (``RAY_ADDRESS``), or starts a local instance.
+
+Exit codes: 0 done, 1 failed, 2 a wrong argument, config or source (one line on stderr; ``-v``
+anywhere adds the traceback), 130 interrupted.
 """
 
 from __future__ import annotations

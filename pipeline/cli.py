@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
 from pipeline.config import ConfigError, RunConfig, build_config, load_config_file, presets
 from pipeline.crawl.providers import ProviderError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# 2: the user's input is wrong (a path, a kind, a config) and the one line says what to change.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -45,10 +48,25 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_sources(cfg: RunConfig) -> None:
+    """Each source with a path is there and of its kind (else SourceError), and OUT is no file (else
+    ConfigError): checked before OUT is written or Ray starts."""
+    from pipeline import storage
+    from pipeline.sources import check_source
+
+    fs, path = storage.get_fs(cfg.out)
+    if fs.isfile(path):
+        raise ConfigError(f"{cfg.out}: a file; --out names the folder of the run")
+    for src in cfg.sources:
+        if src.uri is not None and src.kind != "search":
+            check_source(src.uri, src.kind)
+
+
 def _run_ingest(cfg: RunConfig) -> int:
     from pipeline.ingest import run_ingest
     from pipeline.summary import format_ingest_summary
 
+    _check_sources(cfg)
     report, summary = run_ingest(cfg)
     if report.skipped:
         print(f"resumed: stages already complete and skipped: {', '.join(report.skipped)}")
@@ -188,6 +206,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
         print("cropclean clean: give --out, or a --config that names out", file=sys.stderr)
         return EXIT_USAGE
     cfg = _config_from_args(args, doc)
+    _check_sources(cfg)
     ingested, summary = run_ingest(cfg)
     print(format_ingest_summary(summary, cfg.out))
     report = run_stages(cfg, [*_stages_through("evaluate"), ReportStage()])
@@ -243,9 +262,12 @@ def cmd_verdicts_import(args: argparse.Namespace) -> int:
 
     try:
         done = import_verdicts(args.file, args.out, replace=args.replace)
-    except VerdictError as exc:
+    except VerdictError as exc:  # a bad file or run folder: one line (several when rows are named)
         print(f"cropclean verdicts import: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # the overrides manifest could not be written: nothing changed
+        print(f"cropclean verdicts import: {overrides_uri(args.out)}: not written: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     counts = done.overrides["verdict"].value_counts().to_dict()
     summary = ", ".join(f"{counts.get(v, 0)} {v}" for v in ("keep", "relabel", "drop"))
     print(f"imported {done.added} verdicts from {args.file}"
@@ -285,6 +307,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     doc = load_config_file(storage.join(args.models, "run.yaml"))
     doc["sources"] = [{"uri": args.source, **({"kind": args.kind} if args.kind else {})}]
     cfg = _config_from_args(args, doc)
+    _check_sources(cfg)
     stage = PredictStage(args.models, args.threshold, args.image_prefix)
     report = run_stages(cfg, [SourcesStage(), NormalizeStage(), DedupeStage(), stage])
     stats = report.results["predict"].stats
@@ -297,12 +320,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _config_from_file(args: argparse.Namespace) -> RunConfig:
+    """The config of the file ``args.config``; its errors name the file."""
+    doc = load_config_file(args.config)
+    try:
+        return _config_from_args(args, doc)
+    except ConfigError as exc:
+        raise ConfigError(f"{args.config}: {exc}") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    return _run_ingest(_config_from_args(args, load_config_file(args.config)))
+    return _run_ingest(_config_from_file(args))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    cfg = _config_from_args(args, load_config_file(args.config))
+    cfg = _config_from_file(args)
     print(f"{args.config}: valid")
     if args.show:
         print(cfg.to_yaml())
@@ -311,10 +343,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cropclean", description="Clean image datasets at scale on Ray.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each stage")
+    verbose_help = "log each stage; on an error, print its traceback too"
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    # -v after the command too (cropclean ingest SRC --out OUT -v; python -m jobs.ingest ... -v). SUPPRESS:
+    # a command's parser that did not see -v must not reset the value the main parser read.
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
+
+    def command(group: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return group.add_parser(name, parents=[verbose], **kwargs)
+
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("synth", help="write a generated Food-101-layout dataset with ground truth")
+    p = command(sub, "synth", help="write a generated Food-101-layout dataset with ground truth")
     p.add_argument("out")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--per-class", type=int, default=40)
@@ -325,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("ingest", help="read, validate, normalize, dedupe and split a dataset")
+    p = command(sub, "ingest", help="read, validate, normalize, dedupe and split a dataset")
     p.add_argument("source", help="Food-101 root, ImageFolder root or URL list (any fsspec URI)")
     p.add_argument("--out", required=True, help="output URI of the run")
     p.add_argument(
@@ -334,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("crawl", help="search images per class (or take a URL list), download, clean, split")
+    p = command(sub, "crawl", help="search images per class (or take a URL list), download, clean, split")
     p.add_argument("--classes", help='comma-separated class names, e.g. "ramen,pho"')
     p.add_argument("--provider", choices=["brave", "google", "serpapi"], default="brave")
     p.add_argument("--per-class", type=int, default=100, help="image URLs wanted per class")
@@ -346,24 +387,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_crawl)
 
-    p = sub.add_parser("train", help="fine-tune the ensemble on an ingested run (reads OUT's manifests)")
+    p = command(sub, "train", help="fine-tune the ensemble on an ingested run (reads OUT's manifests)")
     p.add_argument("out", help="output URI of an ingested run")
     _add_config_args(p)
     p.set_defaults(func=lambda a: _run_after_ingest(a, "train"))
 
-    p = sub.add_parser("crop", help="crop an ingested, trained run and write its blacklist (reads OUT)")
+    p = command(sub, "crop", help="crop an ingested, trained run and write its blacklist (reads OUT)")
     p.add_argument("out", help="output URI of an ingested run (trains first if needed)")
     _add_config_args(p)
     p.set_defaults(func=lambda a: _run_after_ingest(a, "crop"))
 
-    p = sub.add_parser(
-        "evaluate", help="the paper's evaluation (Table IV) and quality numbers of a cropped run"
+    p = command(
+        sub, "evaluate", help="the paper's evaluation (Table IV) and quality numbers of a cropped run"
     )
     p.add_argument("out", help="output URI of an ingested run (trains and crops first if needed)")
     _add_config_args(p)
     p.set_defaults(func=lambda a: _run_after_ingest(a, "evaluate"))
 
-    p = sub.add_parser("clean", help="everything: ingest, train, crop and blacklist, evaluate")
+    p = command(sub, "clean", help="everything: ingest, train, crop and blacklist, evaluate")
     p.add_argument(
         "source", nargs="?", help="Food-101 root, ImageFolder root or URL list (any fsspec URI); "
         "default: the sources of --config"
@@ -376,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_clean)
 
-    p = sub.add_parser("report", help="build the HTML report of a run (OUT/report/index.html)")
+    p = command(sub, "report", help="build the HTML report of a run (OUT/report/index.html)")
     p.add_argument("out", help="output URI of a run")
     p.add_argument("--per-page", type=int, default=100, help="images per gallery and review page")
     p.add_argument("--heatmaps", type=int, default=400,
@@ -388,20 +429,20 @@ def build_parser() -> argparse.ArgumentParser:
     prefix_help = (f"what goes before an image's path (relative to the run folder) in Label Studio tasks; "
                    f"default {DEFAULT_IMAGE_PREFIX!r} (Label Studio local files with the run folder as "
                    f"document root); e.g. http://host:8000/ for a served run folder")  # fmt: skip
-    p = sub.add_parser("export", help="write a cropped run's annotator files again (OUT/export/)")
+    p = command(sub, "export", help="write a cropped run's annotator files again (OUT/export/)")
     p.add_argument("out", help="output URI of a cropped run")
     p.add_argument("--image-prefix", default=DEFAULT_IMAGE_PREFIX, help=prefix_help)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("verdicts", help="annotators' verdicts on the blacklist")
+    p = command(sub, "verdicts", help="annotators' verdicts on the blacklist")
     verbs = p.add_subparsers(dest="verdicts_command", required=True)
-    v = verbs.add_parser("import", help="read a verdict CSV or Label Studio JSON export into OUT's overrides")
+    v = command(verbs, "import", help="read a verdict CSV or Label Studio JSON export into OUT's overrides")
     v.add_argument("file", help="CSV (image_id, verdict keep|relabel|drop, new_label) or Label Studio export")
     v.add_argument("--out", required=True, help="output URI of the run the verdicts are about")
     v.add_argument("--replace", action="store_true", help="forget the run's earlier verdicts")
     v.set_defaults(func=cmd_verdicts_import)
 
-    p = sub.add_parser("predict", help="pre-label unlabelled images with a trained run's ensemble")
+    p = command(sub, "predict", help="pre-label unlabelled images with a trained run's ensemble")
     p.add_argument("source", help="a folder of images (no class folders) or a URL list without labels")
     p.add_argument("--models", required=True, help="output URI of a trained run (its models/ are used)")
     p.add_argument("--out", required=True, help="output URI for this run")
@@ -412,13 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("run", help="run the pipeline described by a config file")
+    p = command(sub, "run", help="run the pipeline described by a config file")
     p.add_argument("config")
     p.add_argument("--out", help="override the config's output URI")
     _add_config_args(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("validate", help="check a config file and exit")
+    p = command(sub, "validate", help="check a config file and exit")
     p.add_argument("config")
     p.add_argument("--out", help="override the config's output URI")
     p.add_argument("--show", action="store_true", help="print the resolved config")
@@ -427,7 +468,71 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# OS errors about a path the user named or can fix: missing, a file for a folder (or the reverse), no
+# permission, a read-only place, a name too long. Others (a full disk, an I/O error) are failures.
+_USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+_USER_ERRNOS = frozenset({errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP})
+
+
+def _unwrapped(exc: BaseException) -> BaseException:
+    """The error a Ray task raised, rather than Ray's wrapper with the remote traceback in its text."""
+    ray_exceptions = sys.modules.get("ray.exceptions")  # not imported: nothing ran on Ray
+    wrapper = getattr(ray_exceptions, "RayTaskError", None)
+    while wrapper is not None and isinstance(exc, wrapper) and isinstance(exc.cause, BaseException):
+        exc = exc.cause
+    return exc
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors whose message tells the user what to change: exit 2. Modules not yet imported cannot have
+    raised theirs (and importing them here would cost seconds: torch)."""
+    from pipeline.names import UnsafeName
+    from pipeline.sources import SourceError
+    from pipeline.storage import UnsafePath
+
+    types: list[type[BaseException]] = [ConfigError, SourceError, UnsafePath, UnsafeName]
+    zoo = sys.modules.get("pipeline.models.zoo")
+    if zoo is not None:
+        types.append(zoo.ModelError)  # a weights file or checkpoint that cannot be used
+    return tuple(types)
+
+
+def _os_error_text(exc: OSError) -> str:
+    if exc.strerror:  # "[Errno 13] Permission denied: '/x'" -> "/x: permission denied"
+        why = exc.strerror[:1].lower() + exc.strerror[1:]
+        return f"{exc.filename}: {why}" if exc.filename is not None else why
+    plain = {
+        FileNotFoundError: "no such file or folder",
+        PermissionError: "permission denied",
+        IsADirectoryError: "a folder, where a file is needed",
+        NotADirectoryError: "not a folder",
+    }.get(type(exc))
+    if plain and len(exc.args) == 1:  # fsspec's remote filesystems: FileNotFoundError(path)
+        return f"{exc.args[0]}: {plain}"
+    return str(exc) or type(exc).__name__
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def describe_error(exc: BaseException) -> tuple[int, str]:
+    """The exit code for ``exc`` and the one line that says what went wrong (without "cropclean: ")."""
+    exc = _unwrapped(exc)
+    if isinstance(exc, _user_error_types()):
+        return EXIT_USAGE, _one_line(str(exc))
+    if isinstance(exc, ProviderError):  # no key, bad key: nothing was searched
+        return EXIT_FAILED, _one_line(str(exc))
+    if isinstance(exc, OSError):
+        user = isinstance(exc, _USER_OS_ERRORS) or exc.errno in _USER_ERRNOS
+        return (EXIT_USAGE if user else EXIT_FAILED), _one_line(_os_error_text(exc))
+    text = _one_line(str(exc))
+    return EXIT_FAILED, f"internal error: {type(exc).__name__}" + (f": {text}" if text else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Exit codes: 0 done; 1 failed; 2 the input is wrong (a path, a kind, a config: the
+    one line on stderr says what); 130 interrupted. ``-v`` adds the traceback of an error."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -435,12 +540,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"cropclean: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ProviderError as exc:  # no key, bad key: nothing was searched
-        print(f"cropclean: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    except KeyboardInterrupt:  # Ctrl-C: the user knows why; a finished stage stays finished
+        print("cropclean: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        code, text = describe_error(exc)
+        if args.verbose:
+            traceback.print_exc()
+        elif text.startswith("internal error"):
+            text += " (run with -v for the traceback)"
+        print(f"cropclean: {text}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import pytest
 from pipeline import manifests
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+PAGE_TIMEOUT_MS = 180_000
 PER_PAGE = 32  # the demo's classes have about 63 crops each: two or three pages per class
 # The first test also waits for the shared demo run (about 7.5 minutes on 2 cores) when it runs first.
 pytestmark = pytest.mark.timeout(1500)
@@ -70,6 +71,9 @@ class Watched:
 
     def __init__(self, browser, base: str) -> None:
         self.page = browser.new_page(viewport={"width": 1280, "height": 900})
+        # A wait ends as soon as the page is ready; its limit only stops a hang. Playwright's 30 s default
+        # can run out while Chromium shares 2 busy cores with a training run.
+        self.page.set_default_timeout(PAGE_TIMEOUT_MS)
         self.base, self.problems, self.requests = base, [], []
         self.page.on("console", lambda m: m.type == "error" and self.problems.append(f"console: {m.text}"))
         self.page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
@@ -81,7 +85,7 @@ class Watched:
         self.page.goto(f"{self.base}/{name}", wait_until="load")
         # Lazy images load as they scroll into view; load every one, so every reference is checked.
         self.page.evaluate("document.querySelectorAll('img[loading=lazy]').forEach(i => i.loading = 'eager')")
-        self.page.wait_for_function("Array.from(document.images).every(i => i.complete)", timeout=20_000)
+        self.page.wait_for_function("Array.from(document.images).every(i => i.complete)")
         broken = self.page.evaluate(
             "Array.from(document.images).filter(i => i.getAttribute('src') && !i.naturalWidth)"
             ".map(i => i.src)"
