@@ -129,18 +129,24 @@ class Cluster:
         return [(a.class_name, a.repr_name) for a in actors if a.node_id == node]
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    base = next(p for p in (random.randrange(20_000, 40_000, 10) for _ in range(100))
+def local_cluster(nodes: list[str], ports: range, prefix: str) -> Iterator[Cluster]:
+    """A cluster of ``infra/local-cluster.sh`` with ``nodes`` (its start options), on free ports drawn
+    from ``ports`` and in a folder ``/tmp/<prefix>-<port>`` (short: Ray keeps unix sockets under it);
+    stopped, and its folder removed, when the generator closes."""
+    base = next(p for p in (random.randrange(ports.start, ports.stop, 10) for _ in range(100))
                 if all(_free(p + k) for k in (0, 1, 5, 14, 16)))  # fmt: skip
-    # Short: Ray keeps unix sockets under it.
-    c = Cluster(dir=f"/tmp/ccl-{base}", port=base)
+    c = Cluster(dir=f"/tmp/{prefix}-{base}", port=base)
     try:
-        c.ctl("start", *NODES)
+        c.ctl("start", *nodes)
         yield c
     finally:
         c.ctl("stop")
         shutil.rmtree(c.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    yield from local_cluster(NODES, range(20_000, 40_000), "ccl")
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +317,13 @@ def test_driver_killed_and_job_resubmitted_redoes_no_finished_work(cluster, faul
     assert pids, "driver process not found"
     subprocess.run(["kill", "-9", *pids], check=True)
     assert cluster.wait(job) == "FAILED"
-    time.sleep(2)  # the driver's actors die with it; any last part file lands now or never
+
+    def crop_actors_gone() -> bool:  # the driver's actors die with it; their last part file lands before
+        return not any(
+            "CropWorker" in cls for ip in ("127.0.0.2", "127.0.0.3") for cls, _ in cluster.actors_on(ip)
+        )
+
+    wait_for(crop_actors_gone, what="the killed driver's crop actors to end")
     first = crop_parts(out)
     done = pd.concat([pd.read_parquet(p) for p in first])["image_id"].nunique()
 

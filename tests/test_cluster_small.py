@@ -12,8 +12,6 @@ tasks feeding them asked for a whole CPU, which no node had (`ray status`: ``Pen
 
 from __future__ import annotations
 
-import random
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cluster import Cluster, _free
+from tests.test_cluster import Cluster, local_cluster
 
 NODES = ["--workers", "1", "--head-cpus", "1", "--worker-cpus", "1"]
 # Tiny training and cropping, the preset's resources untouched: its two members, train.cpus_per_worker
@@ -71,16 +69,7 @@ def run_job(cluster: Cluster, data: Path, out: Path, *more: str, timeout: float 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    # Ports of their own (test_cluster.py draws from 20000-40000) and a folder of their own.
-    base = next(p for p in (random.randrange(42_000, 58_000, 10) for _ in range(100))
-                if all(_free(p + k) for k in (0, 1, 5, 14, 16)))  # fmt: skip
-    c = Cluster(dir=f"/tmp/ccs-{base}", port=base)  # short: Ray keeps unix sockets under it
-    try:
-        c.ctl("start", *NODES)
-        yield c
-    finally:
-        c.ctl("stop")
-        shutil.rmtree(c.dir, ignore_errors=True)
+    yield from local_cluster(NODES, range(42_000, 58_000), "ccs")  # ports apart from test_cluster.py's
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pipeline.crawl.guard import BadHost, BlockedAddress, NetworkGuard, ResolveE
 from pipeline.imaging import Normalized, NormalizeParams, normalize_bytes
 from pipeline.reasons import RETRYABLE, Reason, Status
 from tests.servers.hostile import ImageServer
+from tests.test_servers import wait_until
 
 # Timeouts a loaded machine does not reach for a good image on loopback; /slow and /stall still end as
 # timeouts (by the 5 s deadline), and no test here asserts how long anything took.
@@ -44,15 +45,6 @@ def echo(server: ImageServer, status: int = 200, *headers: str, body: str = "ima
     """URL of an answer with ``status`` and the raw ``headers`` ("Name: value")."""
     query = [("status", str(status)), ("body", body), *(("h", h) for h in headers)]
     return server.url("/echo?" + urlencode(query))
-
-
-def wait_until(pred, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
 
 
 def decodes(data: bytes | None) -> bool:

@@ -215,9 +215,13 @@ def test_ingest_and_train_job_entrypoints(small_dataset, tmp_path):
     assert bad.returncode == 2 and "dedupe.radious" in bad.stderr
 
     tiny = ["--set", "train.members=[{arch: small_cnn, input_size: 16}]", "--set", "train.finetune_epochs=1"]
-    no_room = run_job(str(out), *tiny, job="jobs.train")  # 1 CPU: a half-CPU worker leaves none for data
+    # 1 CPU: a worker of a whole CPU leaves none for the data tasks feeding it; the job says so at once.
+    no_room = run_job(str(out), *tiny, "--set", "train.cpus_per_worker=1", job="jobs.train")
     assert no_room.returncode == 2 and "Lower train.cpus_per_worker" in no_room.stderr, no_room.stderr[-2000:]
-    trained = run_job(str(out), *tiny, "--set", "ray.num_cpus=2", job="jobs.train")
+    assert "Traceback" not in no_room.stderr
+    assert not (out / "models" / "small_cnn" / "best.pt").exists()
+    # A half-CPU worker leaves half a CPU: the data tasks ask for half each and the training runs.
+    trained = run_job(str(out), *tiny, job="jobs.train")
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "small_cnn" in trained.stdout and "val top-1" in trained.stdout
     assert (out / "models" / "small_cnn" / "best.pt").exists()
