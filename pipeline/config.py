@@ -194,14 +194,16 @@ class BalanceConfig(_Section):
 
 
 ARCH_NAMES = Literal[
-    "resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "densenet121",
-    "vgg16_bn", "inception_v3", "regnet_y_400mf", "convnext_tiny", "small_cnn", "small_resnet",
+    "resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+    "efficientnet_lite0", "densenet121", "vgg16_bn", "inception_v3", "regnet_y_400mf", "convnext_tiny",
+    "small_cnn", "small_resnet",
 ]  # fmt: skip
 
 
 class MemberConfig(_Section):
     arch: ARCH_NAMES = Field(
-        description="torchvision architecture, or small_cnn / small_resnet (ours: CPU runs, random init)."
+        description="torchvision architecture, efficientnet_lite0 (ImageNet weights from an installed package), "
+        "or small_cnn / small_resnet (ours: CPU runs, random init)."
     )
     name: str | None = Field(None, description="Member name in manifests and OUT/models/; default: the arch.")
     head: Literal["linear", "mlp"] = Field("linear", description="linear, or the paper's MLP 1024-512-C.")

