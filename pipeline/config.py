@@ -202,8 +202,8 @@ ARCH_NAMES = Literal[
 
 class MemberConfig(_Section):
     arch: ARCH_NAMES = Field(
-        description="torchvision architecture, efficientnet_lite0 (ImageNet weights from an installed package), "
-        "or small_cnn / small_resnet (ours: CPU runs, random init)."
+        description="torchvision architecture, efficientnet_lite0 (ImageNet weights from an installed "
+        "package), or small_cnn / small_resnet (ours: CPU runs, random init)."
     )
     name: str | None = Field(None, description="Member name in manifests and OUT/models/; default: the arch.")
     head: Literal["linear", "mlp"] = Field("linear", description="linear, or the paper's MLP 1024-512-C.")
