@@ -91,25 +91,22 @@ def id_problem(image_id: object) -> str | None:
     return None
 
 
+def _checked(value: str, problem: str | None, what: str, reason: Reason) -> str:
+    if problem:
+        raise UnsafeName(f"{what} {value!r}: {problem}", reason)
+    return value
+
+
 def safe_label(label: str) -> str:
     """``label`` itself, or UnsafeName (reason ``bad_label``) when it cannot be a folder name."""
-    problem = label_problem(label)
-    if problem:
-        raise UnsafeName(f"label {label!r}: {problem}", Reason.BAD_LABEL)
-    return label
+    return _checked(label, label_problem(label), "label", Reason.BAD_LABEL)
 
 
 def safe_split(split: str) -> str:
     """``split`` itself, or UnsafeName (reason ``bad_split``) when it is not train, val or test."""
-    problem = split_problem(split)
-    if problem:
-        raise UnsafeName(f"split {split!r}: {problem}", Reason.BAD_SPLIT)
-    return split
+    return _checked(split, split_problem(split), "split", Reason.BAD_SPLIT)
 
 
 def safe_id(image_id: str) -> str:
     """``image_id`` itself, or UnsafeName (reason ``bad_image_id``) when it cannot be a file name."""
-    problem = id_problem(image_id)
-    if problem:
-        raise UnsafeName(f"image id {image_id!r}: {problem}", Reason.BAD_IMAGE_ID)
-    return image_id
+    return _checked(image_id, id_problem(image_id), "image id", Reason.BAD_IMAGE_ID)

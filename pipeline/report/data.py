@@ -15,6 +15,8 @@ from pipeline.names import id_problem, label_problem, split_problem
 from pipeline.stages.train import model_dir
 from pipeline.summary import read_metrics
 
+log = logging.getLogger("cropclean")
+
 
 @dataclass
 class RunData:
@@ -34,8 +36,6 @@ class RunData:
         ok = self.images[(self.images["status"] == "ok") & self.images["split"].notna()]
         return sorted(ok["label"].dropna().unique())
 
-
-log = logging.getLogger("cropclean")
 
 # Manifest columns whose values name files of the report (thumbs/<id>.jpg, heat/<id>/<label>.png).
 _NAME_CHECKS = (

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from pipeline.config import SourceConfig
 from pipeline.sources import detect_kind
@@ -117,8 +117,3 @@ def source_roots(sources: Iterable[SourceConfig]) -> dict[str, tuple[str, ...]]:
         root = list_folder(src.uri) if kind == "urllist" else src.uri
         roots.setdefault(src.name or kind, []).append(root)
     return {name: tuple(found) for name, found in roots.items()}
-
-
-def allowed(locator: str, roots: Sequence[str]) -> bool:
-    """The normalize stage's check: an http(s) URL (for the fetcher), or a path inside one of ``roots``."""
-    return is_http(locator) or any(inside(locator, root) for root in roots)

@@ -47,11 +47,6 @@ def blob_path(sha256: str) -> str:
     return f"blobs/{sha256[:2]}/{sha256}.jpg"
 
 
-def is_url(locator: str) -> bool:
-    """An http(s) URL: the guarded fetcher's to download (a malformed one included: it says bad_url)."""
-    return is_http(locator)
-
-
 def fetcher_for(cfg: FetchConfig) -> Fetcher:
     # FetchParams names a subset of the fetch config's keys: take those, whatever they are.
     params = FetchParams(**{name: getattr(cfg, name) for name in FetchParams.__dataclass_fields__})
@@ -74,7 +69,7 @@ def obtain(
     An http(s) URL goes to the guarded fetcher; anything else is read only when it lies inside one of
     ``roots`` (the folders of the candidate's source). The sources refuse other locators already; this
     is the second check, so that no source can hand fsspec a chain, a scheme or a path elsewhere."""
-    if is_url(locator):
+    if is_http(locator):
         assert fetcher is not None
         got = fetcher.fetch(locator)
         if got.status != Status.OK:
@@ -162,7 +157,7 @@ def run_shard(item: dict[str, Any], *, params: NormalizeParams, max_bytes: int, 
     shard = int(item["shard"])
     faults.check(NormalizeStage.name, shard)
     cands = _table_from_bytes(item["rows"]).to_pylist()
-    fetcher = fetcher_for(fetch) if any(is_url(decode_locator(c["locator"])) for c in cands) else None
+    fetcher = fetcher_for(fetch) if any(is_http(decode_locator(c["locator"])) for c in cands) else None
 
     def one(c: dict[str, Any]) -> dict[str, Any]:
         return process_candidate(c, params, max_bytes, out, fetcher, roots.get(c["source"], ()))
