@@ -40,7 +40,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     s = synthesize(
         args.out, classes=args.classes, per_class=args.per_class, noise=args.noise, seed=args.seed,
-        clutter=args.clutter,
+        clutter=args.clutter, backgrounds=args.backgrounds, object_scale=args.object_scale,
     )  # fmt: skip
     print(f"wrote {s.n_files} files in {len(s.classes)} classes to {s.root}")
     for kind, n in sorted(s.counts.items()):
@@ -285,6 +285,17 @@ def _threshold(text: str) -> float:
     return value
 
 
+def _scale_range(text: str) -> tuple[float, float]:
+    """LOW,HIGH with 0 < LOW <= HIGH <= 1, e.g. 0.333,0.5."""
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want LOW,HIGH, e.g. 0.333,0.5; got {text}") from None
+    if not 0 < low <= high <= 1:
+        raise argparse.ArgumentTypeError(f"want 0 < LOW <= HIGH <= 1, got {text}")
+    return low, high
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """Pre-labelling: ingest unlabelled images into OUT2 and label them with the ensemble of run --models."""
     from pipeline import storage
@@ -362,8 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=float, default=0.1, help="label-flip rate in train")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--clutter", type=float, default=1.0, help="background busyness: 1 default, 0 a plain gradient"
-    )
+        "--clutter", type=float, default=1.0, help="background busyness: 1 default, 0 a plain gradient "
+        "(with --backgrounds real: the decoy objects on the photo, 0 none)"
+    )  # fmt: skip
+    p.add_argument("--backgrounds", choices=["synthetic", "real"], default="synthetic",
+                   help="generated clutter, or crops of photographs bundled with scikit-learn and "
+                   "scikit-image (needs scikit-image)")  # fmt: skip
+    p.add_argument("--object-scale", type=_scale_range, metavar="LOW,HIGH",
+                   help="object side as a share of the short side (default 0.18,0.40; 0.333,0.5 with "
+                   "--backgrounds real)")  # fmt: skip
     p.set_defaults(func=cmd_synth)
 
     p = command(sub, "ingest", help="read, validate, normalize, dedupe and split a dataset")

@@ -2,9 +2,11 @@
 
 Each image shows one class-specific object (a shape filled with a texture in a colour pair) on a
 cluttered background, so a classifier that sees the whole image does clearly worse than one that sees
-the object. On top of the clean images the generator injects label flips, exact and near duplicates and
-hostile files (wrong formats, truncated, tiny, bombs, odd colour modes, EXIF rotation), and writes a
-``ground_truth.parquet`` saying what each file is and what a correct validator should make of it.
+the object. With ``backgrounds="real"`` the background is a crop of a photograph bundled with
+scikit-learn or scikit-image instead (:mod:`pipeline.photos`), with decoys on it. On top of the clean
+images the generator injects label flips, exact and near duplicates and hostile files (wrong formats,
+truncated, tiny, bombs, odd colour modes, EXIF rotation), and writes a ``ground_truth.parquet`` saying
+what each file is and what a correct validator should make of it.
 
 Layout under the root::
 
@@ -83,9 +85,16 @@ JPEG_QUALITY = 90
 # differ from every class): how many per image, and their size. Together these set how much harder a
 # whole image is than an object crop.
 OBJECT_SCALE = (0.18, 0.40)
+# On real photographs (``backgrounds="real"``) the object is larger: a third to a half of the short side.
+OBJECT_SCALE_REAL = (1 / 3, 1 / 2)
+BACKGROUNDS = ("synthetic", "real")
 OBJECT_FREQ = 2.0
 DECOYS = (3, 5)
 DECOY_SCALE = (0.15, 0.35)
+
+
+# Real photographs for backgrounds, as `pipeline.photos.load` returns them: (name, RGB image).
+Photos = tuple[tuple[str, Image.Image], ...]
 
 
 @dataclass(frozen=True)
@@ -324,6 +333,15 @@ def _background(
         patch = ClassStyle("circle" if rng.random() < 0.5 else "square", texture, pair)  # type: ignore[arg-type]
         xy = int(rng.integers(-side // 3, w - side // 2)), int(rng.integers(-side // 3, h - side // 2))
         _paste_textured(rng, canvas, patch, side, xy, rng.uniform(1.5, 3.5), 30, rng.uniform(0.5, 0.9))
+    _decoys(rng, canvas, styles, clutter)
+    return canvas
+
+
+def _decoys(rng: np.random.Generator, canvas: Image.Image, styles: list[ClassStyle], clutter: float) -> None:
+    """Paste decoys (objects that differ from a class in one attribute only), their count scaled by
+    ``clutter``."""
+    w, h = canvas.size
+    short = min(w, h)
     for _ in range(round(int(rng.integers(DECOYS[0], DECOYS[1] + 1)) * clutter)):
         side = max(3, int(rng.uniform(*DECOY_SCALE) * short))
         xy = (
@@ -331,7 +349,6 @@ def _background(
             int(rng.integers(-side // 4, h - 3 * side // 4)),
         )
         _paste_textured(rng, canvas, _decoy_style(rng, styles), side, xy, OBJECT_FREQ, 18)
-    return canvas
 
 
 _QUARTER_COVERED = [255 if a >= 64 else 0 for a in range(256)]
@@ -344,12 +361,23 @@ def _render(
     h: int,
     styles: list[ClassStyle],
     clutter: float = 1.0,
+    photos: Photos | None = None,
+    object_scale: tuple[float, float] = OBJECT_SCALE,
 ) -> tuple[Image.Image, tuple[int, int, int, int] | None]:
-    """An RGB image with one object of `style` (or none), and the object's box (x1, y1 exclusive)."""
-    canvas = _background(rng, w, h, styles, clutter)
+    """An RGB image with one object of `style` (or none), and the object's box (x1, y1 exclusive).
+
+    The background is generated, or with `photos` a crop of one of them with decoys (their count scaled
+    by ``clutter``) on top; the object's side is drawn from `object_scale` times the short side."""
+    if photos is None:
+        canvas = _background(rng, w, h, styles, clutter)
+    else:
+        from pipeline.photos import background
+
+        canvas, _ = background(rng, w, h, photos)
+        _decoys(rng, canvas, styles, clutter)
     box = None
     if style is not None:
-        side = max(4, int(rng.uniform(*OBJECT_SCALE) * min(w, h)))
+        side = max(4, int(rng.uniform(*object_scale) * min(w, h)))
         x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
         alpha = _paste_textured(rng, canvas, style, side, (x, y), OBJECT_FREQ, 18)
         # The box covers the pixels at least a quarter covered by the object.
@@ -463,6 +491,8 @@ def _hostile_bytes(
     styles: list[ClassStyle],
     side: int,
     clutter: float = 1.0,
+    photos: Photos | None = None,
+    object_scale: tuple[float, float] = OBJECT_SCALE,
 ) -> None:
     """Render and encode an injected hostile file, recording its box and displayed size."""
     kind = item.kind
@@ -483,7 +513,7 @@ def _hostile_bytes(
         w, h = (int(s) for s in rng.integers(24, 41, 2))  # both sides well under the 64 px minimum
     else:
         w, h = _size(rng, side)
-    img, box = _render(rng, style, w, h, styles, clutter)
+    img, box = _render(rng, style, w, h, styles, clutter, photos, object_scale)
     item.box, item.size = box, (w, h)
     if kind == "too_small":
         item.data = _jpeg(img)
@@ -695,6 +725,8 @@ def synthesize(
     test_fraction: float = 0.25,
     image_side: int = 256,
     clutter: float = 1.0,
+    backgrounds: str = "synthetic",
+    object_scale: tuple[float, float] | None = None,
 ) -> SynthSummary:
     """Write a Food-101-layout dataset with injected problems and its ground truth under `out`.
 
@@ -702,6 +734,11 @@ def synthesize(
     share of the train ones label-flipped); duplicates and hostile files come on top. The same
     arguments always give byte-identical files. ``clutter`` scales how busy backgrounds are (blobs,
     lines, textured patches, decoy objects): 1.0 is the default, 0 leaves a plain gradient.
+
+    ``backgrounds="real"`` cuts each background from a photograph bundled with scikit-learn or
+    scikit-image (see `pipeline.photos`; ConfigError when scikit-image is missing) and scales only the
+    decoys on it by ``clutter``. ``object_scale`` is the range of the object's side as a share of the
+    image's short side: by default OBJECT_SCALE on generated backgrounds, OBJECT_SCALE_REAL on photos.
     """
     if classes < 1 or per_class < 1:
         raise ValueError("classes and per_class must be at least 1")
@@ -709,6 +746,17 @@ def synthesize(
         raise ValueError("noise and test_fraction must lie in [0, 1]")
     if clutter < 0:
         raise ValueError("clutter must be >= 0")
+    if backgrounds not in BACKGROUNDS:
+        raise ValueError(f"backgrounds must be one of {', '.join(BACKGROUNDS)}")
+    photos: Photos | None = None
+    if backgrounds == "real":
+        from pipeline import photos as photo_source
+
+        photos = photo_source.load()
+    if object_scale is None:
+        object_scale = OBJECT_SCALE if photos is None else OBJECT_SCALE_REAL
+    if not 0 < object_scale[0] <= object_scale[1] <= 1:
+        raise ValueError("object_scale must be (low, high) with 0 < low <= high <= 1")
     names = class_names(classes)
     styles = dict(zip(names, class_styles(classes), strict=True))
     style_list = list(styles.values())
@@ -730,11 +778,15 @@ def synthesize(
         elif item.kind in ("clean", "label_flip"):
             assert item.drawn is not None
             item.size = _size(rng, image_side)
-            img, item.box = _render(rng, styles[item.drawn], *item.size, style_list, clutter)
+            img, item.box = _render(
+                rng, styles[item.drawn], *item.size, style_list, clutter, photos, object_scale
+            )
             item.data = _jpeg(img)
         else:
             assert item.drawn is not None
-            _hostile_bytes(rng, item, styles[item.drawn], style_list, image_side, clutter)
+            _hostile_bytes(
+                rng, item, styles[item.drawn], style_list, image_side, clutter, photos, object_scale
+            )
 
     is_dup = [it.duplicate_of is not None for it in items]
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
