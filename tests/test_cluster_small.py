@@ -91,7 +91,7 @@ def test_cpu_small_preset_finishes_on_two_one_cpu_nodes(finished):
     out = finished.out
     for name in ("images", "predictions", "crops", "blacklist"):
         assert (out / "manifests" / f"{name}.parquet").exists(), name
-    for member in ("small_cnn_48", "small_cnn_64", "_evaluate/outside"):
+    for member in ("lite0_128", "small_cnn_64", "_evaluate/outside"):
         assert (out / "models" / member / "best.pt").exists(), member
     assert "no progress for" not in finished.logs  # the stall watchdog never had to speak
     assert not project_tracebacks(finished.logs)

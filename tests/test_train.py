@@ -27,7 +27,7 @@ from pipeline.models.train_loop import (
 )
 from pipeline.models.zoo import build_model, head_parameters, trunk_parameters
 from pipeline.runner import run_stages
-from pipeline.stages.train import TrainStage, concurrency
+from pipeline.stages.train import DatasetCache, TrainStage, augment_of, concurrency, make_jobs, member_params
 from tests.conftest import ingest_config
 
 TINY = ["train.members=[{arch: resnet18, input_size: 32}]", "train.folds=0", "train.batch_size=16",
@@ -203,3 +203,24 @@ def test_selection_rules_keep_the_best_val_top1_or_the_least_val_loss():
     assert better({"top1": 0.30, "loss": 1.9}, state, "top1")  # top-1 ties: the lower loss wins
     assert better({"top1": 0.31, "loss": 2.0}, state, "loss")  # loss ties: the higher top-1 wins
     assert better({"top1": 0.0, "loss": 9.9}, LoopState(), "loss")  # the first epoch is always kept
+
+
+def test_a_member_s_own_passes_and_augmentation_override_the_train_section():
+    cfg = ingest_config(
+        "data", "out", "train.head_epochs=0", "train.finetune_epochs=10", "train.lr_finetune=0.003",
+        "train.members=[{arch: efficientnet_lite0, weights: DEFAULT, input_size: 64, head_epochs: 3, "
+        "lr_head: 0.01, lr_finetune: 0.002, augment_crop_min: 0.3}, {arch: small_cnn, input_size: 48}]",
+    )  # fmt: skip
+    lite, cnn = cfg.train.members
+    p = member_params(cfg, lite, "lite", 8, "out/models/lite")
+    assert (p.head_epochs, p.finetune_epochs, p.lr_head, p.lr_finetune) == (3, 10, 0.01, 0.002)
+    q = member_params(cfg, cnn, "cnn", 8, "out/models/cnn")
+    assert (q.head_epochs, q.finetune_epochs, q.lr_finetune) == (0, 10, 0.003)
+    assert member_params(cfg, lite, "lite", 8, "x", finetune_epochs=4).finetune_epochs == 4  # a stage's own
+    cache = DatasetCache(cfg, "out")
+    no_rows = pd.DataFrame(columns=["image_id", "split"])
+    jobs = {job.member.arch: job for job in make_jobs(cfg, no_rows, ["a"])}
+    assert augment_of(cache, jobs["efficientnet_lite0"]).crop_scale == (0.3, 1.0)
+    assert augment_of(cache, jobs["small_cnn"]).crop_scale == (cfg.train.augment_crop_min, 1.0)
+    with pytest.raises(ConfigError, match=r"lr_finetune"):
+        ingest_config("data", "out", "train.members=[{arch: small_cnn, lr_finetune: -1}]")

@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -77,17 +77,25 @@ def use_gpu(choice: str) -> bool:
 
 def member_params(cfg: RunConfig, m: MemberConfig, name: str, classes: int, model_dir: str,
                   **overrides: Any) -> TrainParams:  # fmt: skip
-    """A training's settings: member ``m``'s architecture, head, weights and size, everything else from
-    ``train``; ``overrides`` replace any of them (the evaluation's epochs and selection rule)."""
+    """A training's settings: member ``m``'s architecture, head, weights and size, its own passes where it
+    sets them, everything else from ``train``; ``overrides`` replace any of them (the evaluation's epochs
+    and selection rule)."""
     t = cfg.train
     settings: dict[str, Any] = dict(
         member=name, arch=m.arch, classes=classes, model_dir=model_dir, head=m.head, weights=m.weights,
         input_size=m.input_size or ARCHS[m.arch].default_size, batch_size=t.batch_size,
-        head_epochs=t.head_epochs, finetune_epochs=t.finetune_epochs, lr_head=t.lr_head,
-        lr_finetune=t.lr_finetune, weight_decay=t.weight_decay, schedule=t.schedule, unfreeze=t.unfreeze,
+        head_epochs=own(m.head_epochs, t.head_epochs),
+        finetune_epochs=own(m.finetune_epochs, t.finetune_epochs),
+        lr_head=own(m.lr_head, t.lr_head), lr_finetune=own(m.lr_finetune, t.lr_finetune),
+        weight_decay=t.weight_decay, schedule=t.schedule, unfreeze=t.unfreeze,
         patience=t.patience, select_by=t.select_by, seed=t.seed, threads=max(1, int(t.cpus_per_worker)),
     )  # fmt: skip
     return TrainParams(**{**settings, **overrides})
+
+
+def own(member_value: Any, default: Any) -> Any:
+    """A member's own setting, or the section's when the member leaves it unset."""
+    return default if member_value is None else member_value
 
 
 def make_jobs(cfg: RunConfig, rows: pd.DataFrame, classes: list[str]) -> list[Job]:
@@ -125,6 +133,12 @@ def augmentation(cfg: RunConfig, crop_min: float | None = None) -> Augment:
     return Augment(flip=t.augment_flip, crop_scale=(least, 1.0), color_jitter=t.augment_color)
 
 
+def augment_of(cache: DatasetCache, job: Job) -> Augment:
+    """A job's training augmentation: the cache's, with the member's own least crop area if it sets one."""
+    least = job.member.augment_crop_min
+    return cache.augment if least is None else replace(cache.augment, crop_scale=(least, 1.0))
+
+
 class DatasetCache:
     """The Ray Datasets of several trainings, built before any of them starts.
 
@@ -158,7 +172,7 @@ class DatasetCache:
     def job(self, job: Job, val_rows: pd.DataFrame) -> dict[str, Any]:
         size = job.params.input_size
         datasets = {
-            "train": self.dataset(job.train_rows, size, self.augment),
+            "train": self.dataset(job.train_rows, size, augment_of(self, job)),
             "val": self.dataset(val_rows, size, None, share=True),
         }
         if not job.predict_rows.empty:
