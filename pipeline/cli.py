@@ -136,9 +136,25 @@ def _print_crop(report: Any, cfg: RunConfig) -> None:
     print(f"crops: {stats['exported']} images cropped under {cfg.out}/cropped/ "
           f"(mean side {stats['mean_side']} px); {stats['too_small']} too small for the pyramid")  # fmt: skip
     print(f"blacklist: {flagged} -> {cfg.out}/manifests/blacklist.parquet")
+    ranking = stats.get("blacklist") or {}
+    if ranking:
+        gate = ranking.get("confidence") or {}
+        decision = gate.get("decision", "?")
+        print(f"  ranked by estimated probability of a wrong label; operating point "
+              f"{ranking['operating_point']}, estimated noise rate {100 * ranking['noise_rate']:.1f}% "
+              f"({ranking['allowed']} of {ranking['images']}); confidence {decision}")  # fmt: skip
+        if gate.get("decision") not in (None, "ok"):
+            print(f"warning: {gate.get('message', '')}", file=sys.stderr)
     if "export" in report.results:
         from pipeline.annotate import export
 
+        written = report.results["export"].stats
+        for line in written.get("warnings") or []:
+            print(f"warning: export: {line}", file=sys.stderr)
+        if written.get("refused"):
+            print(f"annotator files not written: the blacklist is withheld (cropclean export {cfg.out} "
+                  f"--force writes them anyway)")  # fmt: skip
+            return
         folder = f"{cfg.out}/export"
         print(f"for annotators: {folder}/{export.BLACKLIST_TASKS} (Label Studio, with {export.CONFIG}), "
               f"{folder}/{export.BLACKLIST_CSV}; answers back with: cropclean verdicts import FILE "
@@ -250,7 +266,12 @@ def cmd_export(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
     classes = json.loads(storage.read_text(needed[1]))
-    written = write_blacklist_export(args.out, classes, args.image_prefix)
+    written = write_blacklist_export(args.out, classes, args.image_prefix, force=args.force)
+    for line in written["warnings"]:
+        print(f"warning: {line}", file=sys.stderr)
+    if written["refused"]:
+        print(f"cropclean export: {written['message']}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"{written['rows']} blacklisted images for annotators:")
     for uri in written["files"].values():
         print(f"  {uri}")
@@ -450,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "export", help="write a cropped run's annotator files again (OUT/export/)")
     p.add_argument("out", help="output URI of a cropped run")
     p.add_argument("--image-prefix", default=DEFAULT_IMAGE_PREFIX, help=prefix_help)
+    p.add_argument("--force", action="store_true",
+                   help="write the files even for a blacklist the weak-ensemble gate withheld, and every row "
+                   "of one longer than the run's estimated number of wrong labels")  # fmt: skip
     p.set_defaults(func=cmd_export)
 
     p = command(sub, "verdicts", help="annotators' verdicts on the blacklist")

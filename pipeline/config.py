@@ -211,6 +211,14 @@ class MemberConfig(_Section):
         None, description="None (random init), a torchvision weights name (DEFAULT, IMAGENET1K_V1) or a file."
     )
     input_size: int | None = Field(None, ge=8, description="Training input side; default: the arch's own.")
+    # Per-member training settings: a pretrained member and one from random init need different passes.
+    head_epochs: int | None = Field(None, ge=0, description="Pass 1 epochs; default: train's.")
+    finetune_epochs: int | None = Field(None, ge=0, description="Pass 2 epochs; default: train's.")
+    lr_head: float | None = Field(None, gt=0, description="Pass 1 learning rate; default: train's.")
+    lr_finetune: float | None = Field(None, gt=0, description="Pass 2 learning rate; default: train's.")
+    augment_crop_min: float | None = Field(
+        None, gt=0, le=1, description="Least area of its random resized crops; default: train's."
+    )
 
     @field_validator("name")
     @classmethod
@@ -342,20 +350,55 @@ class CropConfig(_Section):
 
 
 class BlacklistConfig(_Section):
+    operating_point: Literal["noise_rate", "precision", "votes"] = Field(
+        "noise_rate",
+        description="How many of the images ranked by estimated probability of a wrong label go to "
+        "annotators: noise_rate, the estimated number of wrong labels; precision, the most whose expected "
+        "precision reaches target_precision; votes, the paper's rule (max_votes, min_score) and conflicting "
+        "duplicates. docs/cropping.md says how each is estimated.",
+    )
+    target_precision: float = Field(
+        0.8, gt=0, le=1, description="operating_point precision: the least expected precision of the list."
+    )
     max_votes: int = Field(
-        0, ge=0, description="Candidate when the label's best votes over all scales are at most this."
-    )
+        0, ge=0, description="label_not_found: the label's best votes over all scales are at most this "
+        "(operating_point votes: the rule itself).",
+    )  # fmt: skip
     min_score: float = Field(
-        -1.0, ge=-1, le=1, description="... and its score (suggested minus label evidence) is at least this."
-    )
+        -1.0, ge=-1, le=1, description="operating_point votes: ... and suggested minus label evidence at "
+        "their best cells is at least this.",
+    )  # fmt: skip
     cross_label_duplicates: bool = Field(
-        True, description="Images whose duplicate carries another label join the blacklist."
+        True, description="A copy under another label counts as evidence: the copies share one true class."
+    )
+    min_lift: float = Field(
+        0.2, ge=-1, le=1, description="Withhold the blacklist from annotators when the weakest judging "
+        "ensemble's members' val top-1 lift over chance, (top1 - 1/C) / (1 - 1/C), is below this.",
+    )  # fmt: skip
+    ok_lift: float = Field(
+        0.6, ge=-1, le=1, description="Below this lift (at least min_lift): low confidence, marked for "
+        "annotators.",
+    )  # fmt: skip
+    min_agreement: float = Field(
+        0.2, ge=-1, le=1, description="Withhold when the members of the weakest judging ensemble agree less "
+        "than this: mean pairwise Cohen's kappa of their predictions on images they never trained on.",
+    )  # fmt: skip
+    ok_agreement: float = Field(
+        0.6, ge=-1, le=1, description="Below this agreement (at least min_agreement): low confidence."
     )
     verified: str | None = Field(
         None, description="verified_train.tsv (Food-101N format) to report precision/recall against."
     )
 
     _absolute_verified = field_validator("verified")(lambda v: absolute_local(v))
+
+    @model_validator(mode="after")
+    def _ordered_gates(self) -> BlacklistConfig:
+        for low, high in (("min_lift", "ok_lift"), ("min_agreement", "ok_agreement")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"blacklist.{low} ({getattr(self, low)}) must not exceed blacklist.{high} "
+                                 f"({getattr(self, high)})")  # fmt: skip
+        return self
 
 
 class EvaluateConfig(_Section):

@@ -55,6 +55,7 @@ class Reason(StrEnum):
     TOO_SMALL_FOR_SCALES = "too_small_for_scales"  # the short side needs more zoom than crop.max_scale
     LABEL_NOT_FOUND = "label_not_found"  # no member finds the label at any scale
     CROSS_LABEL_DUPLICATE = "cross_label_duplicate"  # a copy of the image carries another label
+    LIKELY_MISLABELED = "likely_mislabeled"  # the ranking puts it among the wrong labels, found or not
     BLACKLISTED = "blacklisted"  # left out of the cropped dataset: see blacklist.parquet
 
 

@@ -86,8 +86,8 @@ def test_verdicts_drop_relabel_and_keep_change_the_next_run(cleaned, tmp_path):
     out, _ = cleaned
     tasks = json.loads((out / "export" / "blacklist-labelstudio.json").read_text())
     classes = json.loads((out / "models" / "classes.json").read_text())
-    # Keep one the ensemble flagged (no member finds its label), relabel another.
-    keep = next(t["data"] for t in tasks if t["data"]["reason"] == "label_not_found")
+    # Keep one the ensemble flagged (no member finds its label, if one is listed), relabel another.
+    keep = next((t["data"] for t in tasks if t["data"]["reason"] == "label_not_found"), tasks[0]["data"])
     relabel = next(t["data"] for t in tasks if t["data"]["image_id"] != keep["image_id"])
     new_label = next(c for c in classes if c != relabel["given_label"])
     images = manifest(out, "images")

@@ -56,7 +56,7 @@ def test_every_dataset_image_gets_its_crops_inside_the_image(cropped):
 
 
 def test_cropped_dataset_leaves_out_the_blacklist_and_says_why(cropped):
-    _cfg, out, _ = cropped
+    _cfg, out, _report = cropped
     crops = manifests.read_manifest("crops", str(out / "manifests" / "crops.parquet"))
     blacklist = manifests.read_manifest("blacklist", str(out / "manifests" / "blacklist.parquet"))
     main = crops[(crops["method"] == "fcn_ensemble") & (crops["target"] == "label")].set_index("image_id")
@@ -74,10 +74,17 @@ def test_cropped_dataset_leaves_out_the_blacklist_and_says_why(cropped):
     with Image.open(out / row["path"]) as im:
         assert im.size == (row["x1"] - row["x0"], row["y1"] - row["y0"])
     # The blacklist: ranked, a known reason each, suggestions that differ from the label.
-    assert set(blacklist["reason"]) <= {"label_not_found", "cross_label_duplicate"}
-    assert blacklist["score"].is_monotonic_decreasing
+    assert set(blacklist["reason"]) <= {"label_not_found", "cross_label_duplicate", "likely_mislabeled"}
+    assert blacklist["score"].is_monotonic_decreasing and blacklist["score"].between(0, 1).all()
+    assert blacklist["rank"].is_monotonic_increasing
     found = blacklist[blacklist["reason"] == "label_not_found"]
     assert (found["votes"] == 0).all() and (found["suggested_label"] != found["label"]).all()
+    # The operating point (noise_rate): as many as the run estimates wrong labels, all of them within it.
+    ranking = _report.results["crop"].stats["blacklist"]
+    assert len(blacklist) == ranking["allowed"]
+    assert abs(ranking["allowed"] - ranking["noise_rate"] * ranking["images"]) <= 1
+    assert blacklist["within_noise_rate"].all() and blacklist["confidence"].nunique() == 1
+    assert ranking["confidence"]["decision"] in {"ok", "low_confidence", "withheld"}
 
 
 def test_label_not_found_flags_mislabelled_images_more_than_correct_ones(cropped):
@@ -88,9 +95,12 @@ def test_label_not_found_flags_mislabelled_images_more_than_correct_ones(cropped
     j = judged.merge(images[["image_id", "source_key"]], on="image_id").merge(truth, on="source_key")
     wrong = j["true_label"].notna() & (j["true_label"] != j["given_label"])
     assert wrong.sum() >= 5
-    # Mislabelled images have the lower label votes and the higher scores, on average.
+    # Mislabelled images have the lower label votes and the higher scores, on average; every judged image
+    # has its per-class evidence and a place in the ranking.
     assert j.loc[wrong, "votes"].mean() < j.loc[~wrong, "votes"].mean()
     assert j.loc[wrong, "score"].mean() > j.loc[~wrong, "score"].mean()
+    assert j.loc[wrong, "rank"].mean() < j.loc[~wrong, "rank"].mean()
+    assert j["class_votes"].map(len).eq(4).all() and sorted(j["rank"]) == list(range(1, len(j) + 1))
 
 
 def test_rerun_skips_the_stage_and_a_lost_part_is_redone_alone(cropped, tmp_path):

@@ -1,7 +1,12 @@
 """The annotator export under ``OUT/export/``: the blacklist as a Label Studio import file (each image
 with its given label, and the ensemble's suggestion pre-filled as a prediction with its score), the same
 rows as a CSV with empty verdict columns to fill in, and the Label Studio labelling config that goes
-with them. Either file, answered, goes back with ``cropclean verdicts import``."""
+with them. Either file, answered, goes back with ``cropclean verdicts import``.
+
+What the crop stage knows about the list decides what is sent (``force`` sends the manifest as it is):
+a list the weak-ensemble gate withheld is not sent at all (and files of an earlier export are removed, so
+that none is sent by mistake); rows beyond the number of wrong labels the run estimates are cut; a
+low-confidence list is marked on every task and in the header annotators see."""
 
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ BLACKLIST_TASKS = "blacklist-labelstudio.json"
 BLACKLIST_CSV = "blacklist.csv"
 CONFIG = "labelstudio-config.xml"
 CSV_COLUMNS = ["image_id", "verdict", "new_label", "label", "suggested_label", "suggested_score", "score",
-               "reason", "evidence", "split", "path", "image"]  # fmt: skip
+               "reason", "evidence", "confidence", "split", "path", "image"]  # fmt: skip
+WITHHELD, LOW_CONFIDENCE = "withheld", "low_confidence"
+LOW_CONFIDENCE_NOTE = "LOW CONFIDENCE: a weak ensemble made this list; check every suggestion. "
 
 
 def export_dir(out: str) -> str:
@@ -72,6 +79,49 @@ def _num(value: Any) -> float | None:
     return None if value is None or pd.isna(value) else round(float(value), 4)
 
 
+def _text(value: Any) -> str:
+    return "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)
+
+
+def gate_message(out: str) -> str:
+    """The crop stage's one line on the ensemble's strength (metrics.json), or nothing."""
+    uri = storage.join(out, "metrics.json")
+    if not storage.exists(uri):
+        return ""
+    try:
+        crop = json.loads(storage.read_text(uri)).get("crop") or {}
+    except ValueError:
+        return ""
+    return str(((crop.get("blacklist") or {}).get("confidence") or {}).get("message") or "")
+
+
+def review(blacklist: pd.DataFrame, force: bool) -> tuple[pd.DataFrame, str | None, list[str]]:
+    """What of the blacklist may go to annotators: (rows, refusal or None, warnings). A 1.1 manifest
+    (without ``confidence`` and ``within_noise_rate``) goes as it is."""
+    decision = next(iter(blacklist["confidence"].dropna()), None) if "confidence" in blacklist else None
+    warnings: list[str] = []
+    if decision == WITHHELD and len(blacklist):
+        if not force:
+            return blacklist.iloc[:0], WITHHELD, warnings
+        warnings.append(f"sending a withheld blacklist ({len(blacklist)} images) because of --force")
+    within = blacklist.get("within_noise_rate")
+    inside = within.fillna(True).astype(bool) if within is not None else pd.Series(True, blacklist.index)
+    beyond = int((~inside).sum())
+    if beyond:
+        allowed = len(blacklist) - beyond
+        if force:
+            warnings.append(f"sending all {len(blacklist)} images because of --force: {beyond} lie beyond "
+                            f"the {allowed} wrong labels the run estimates")  # fmt: skip
+        else:
+            blacklist = blacklist[inside]
+            warnings.append(f"sending the first {allowed} of {allowed + beyond} blacklisted images, as "
+                            f"many as the run estimates wrong labels; --force sends the other "
+                            f"{beyond}")  # fmt: skip
+    if decision == LOW_CONFIDENCE and len(blacklist):
+        warnings.append("the blacklist is of low confidence (a weak ensemble): every task is marked")
+    return blacklist, None, warnings
+
+
 def blacklist_tasks(blacklist: pd.DataFrame, prefix: str) -> list[dict[str, Any]]:
     """One Label Studio task per blacklisted image, most likely wrong first."""
     tasks = []
@@ -83,6 +133,8 @@ def blacklist_tasks(blacklist: pd.DataFrame, prefix: str) -> list[dict[str, Any]
             "given_label": r["label"], "suggested_label": suggested or "", "reason": r["reason"],
             "score": _num(r["score"]), "suggested_score": _num(r.get("suggested_score")),
             "evidence": r.get("evidence") or "", "split": r.get("split") or "", "path": r["path"],
+            "confidence": _text(r.get("confidence")),
+            "note": LOW_CONFIDENCE_NOTE if r.get("confidence") == LOW_CONFIDENCE else "",
         }  # fmt: skip
         results = [labelstudio.choice_result(suggested)] if suggested else []
         tasks.append(labelstudio.task(data, MODEL_VERSION, data["suggested_score"], results))
@@ -90,16 +142,27 @@ def blacklist_tasks(blacklist: pd.DataFrame, prefix: str) -> list[dict[str, Any]
 
 
 def write_blacklist_export(
-    out: str, classes: list[str], prefix: str = DEFAULT_IMAGE_PREFIX
+    out: str, classes: list[str], prefix: str = DEFAULT_IMAGE_PREFIX, force: bool = False
 ) -> dict[str, Any]:
-    """Write the three files from ``manifests/blacklist.parquet``; returns their URIs and the row count."""
+    """Write the three files from ``manifests/blacklist.parquet`` (:func:`review` decides which rows).
+    Returns the file URIs, the row count, ``refused`` (a withheld list: nothing written, earlier task
+    files removed, ``message`` says why) and ``warnings``."""
     blacklist = manifests.read_manifest("blacklist", storage.join(out, "manifests", "blacklist.parquet"))
     folder = export_dir(out)
     files = {name: storage.join(folder, name) for name in (BLACKLIST_TASKS, BLACKLIST_CSV, CONFIG)}
-    header = "Given: $given_label. Suggested: $suggested_label. $evidence"
+    rows, refused, warnings = review(blacklist, force)
+    if refused:
+        for name in (BLACKLIST_TASKS, BLACKLIST_CSV):
+            storage.remove(files[name])
+        why = gate_message(out) or "blacklist withheld: the ensemble is too weak to judge labels"
+        message = f"{why} (cropclean export {out} --force writes the annotator files anyway)"
+        return {"rows": 0, "files": {}, "refused": refused, "withheld": len(blacklist), "message": message,
+                "warnings": warnings}  # fmt: skip
+    header = "$note Given: $given_label. Suggested: $suggested_label. $evidence"
     storage.write_text_atomic(files[CONFIG], labelstudio.labeling_config(classes, header))
-    write_json(files[BLACKLIST_TASKS], blacklist_tasks(blacklist, prefix))
-    table = blacklist.assign(verdict="", new_label="", image=[labelstudio.image_url(p, prefix)
-                                                              for p in blacklist["path"]])  # fmt: skip
+    write_json(files[BLACKLIST_TASKS], blacklist_tasks(rows, prefix))
+    table = rows.assign(verdict="", new_label="", image=[labelstudio.image_url(p, prefix)
+                                                         for p in rows["path"]])  # fmt: skip
     write_csv(files[BLACKLIST_CSV], table.reindex(columns=CSV_COLUMNS))
-    return {"rows": len(blacklist), "files": files}
+    return {"rows": len(rows), "files": files, "refused": None, "withheld": 0, "message": "",
+            "warnings": warnings}  # fmt: skip

@@ -1,11 +1,12 @@
-"""Mislabel detection (seed 000, section IV-D): "if, after convolving at several scales, no classifier was
-able to find the food, the label is very likely wrong".
+"""Mislabel evidence from the FCN (seed 000, section IV-D): "if, after convolving at several scales, no
+classifier was able to find the food, the label is very likely wrong".
 
-An image is a candidate when the label's best votes over every cell of every scale are at most
-``max_votes`` (0: no member ever takes the label for its argmax anywhere). Candidates are ranked by how
-strongly the ensemble finds another class instead: score = mean probability of the best other class at
-its best cell minus that of the label at its best cell (in [-1, 1]); the other class is the suggestion.
-The score is computed for every judged image, so thresholds can be tuned on a verified subset.
+Per image: the label's best votes over every cell of every scale (0: no member ever takes the label for its
+argmax anywhere: the paper's case, reason ``label_not_found``), its mean member probability there, and the
+best class other than the label (the suggestion) with its votes and probability. ``score`` (suggested minus
+label probability at their best cells, in [-1, 1]) is the paper's ranking, kept as the blacklist's
+``margin``; ``pipeline/crop/rank.py`` turns this evidence, with the out-of-fold probabilities and duplicate
+conflicts, into the probability that the label is wrong that the blacklist is ranked by.
 """
 
 from __future__ import annotations
@@ -27,9 +28,6 @@ class Judgment:
     @property
     def score(self) -> float:
         return self.suggested_score - self.label_score
-
-    def flagged(self, max_votes: int, min_score: float) -> bool:
-        return self.votes <= max_votes and self.score >= min_score
 
 
 def judge(findings: Findings, label: int) -> Judgment:

@@ -42,6 +42,7 @@ JUDGMENTS_PATH = ("stages", "crop", "judgments.parquet")
 # A crop "holds the object" when at least this share of the object's box lies inside it.
 CONTAINED = 0.8
 LABEL_NOT_FOUND = "label_not_found"
+TOP_SHARE = 0.1  # top10_precision: the precision of this share of the ranking
 BOX = ("x0", "y0", "x1", "y1")
 
 
@@ -96,6 +97,24 @@ def average_precision(scores: np.ndarray, positive: np.ndarray) -> float | None:
     tp_at, seen = tp[last], last + 1
     recall_step = np.diff(np.r_[0, tp_at]) / n_pos
     return float(np.sum(recall_step * tp_at / seen))
+
+
+def top_precision(scores: np.ndarray, positive: np.ndarray, share: float = TOP_SHARE) -> float | None:
+    """Precision of the ``share`` of items ranked highest by ``scores`` (at least one; ties keep the input
+    order, so pass a strict ranking, e.g. minus the rank). None without items."""
+    scores = np.asarray(scores, dtype=float)
+    positive = np.asarray(positive, dtype=bool)
+    if not len(scores):
+        return None
+    top = max(1, math.ceil(share * len(scores)))
+    order = np.argsort(-scores, kind="stable")[:top]
+    return float(positive[order].mean())
+
+
+def ranking_quality(scores: np.ndarray, positive: np.ndarray) -> dict[str, Any]:
+    """A ranking's ``average_precision`` and ``top10_precision`` (the top 10% of the items)."""
+    return {"average_precision": average_precision(scores, positive), "top10_precision":
+            top_precision(scores, positive)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -275,7 +294,8 @@ def blacklist_quality(
     ``{"images", "mislabeled", "label_not_found": counts, "all_reasons": counts, "average_precision"}``
     and counts are :func:`prf` plus ``suggested_correct`` / ``suggested_accuracy`` (suggested_label ==
     true_label over the true positives; a missing suggestion counts as wrong). ``average_precision``
-    ranks the judged images by their score; None without judgments.
+    and ``top10_precision`` (precision of the first 10%) rank the judged images by their ``rank``
+    (judgments before 1.2 of the blacklist schema: by ``score``); None without judgments.
     """
     universe = _universe(truth, judged, blacklist["image_id"])
     true_label = universe.set_index("image_id")["true_label"]
@@ -297,14 +317,15 @@ def blacklist_quality(
             counts["suggested_correct"] = correct
             counts["suggested_accuracy"] = _ratio(correct, len(tps))
             res[key] = counts
-        ap = None
-        if judged is not None and "score" in judged.columns:
+        ranking: dict[str, Any] = {"average_precision": None, "top10_precision": None}
+        if judged is not None and ("rank" in judged.columns or "score" in judged.columns):
+            key = "rank" if "rank" in judged.columns else "score"
             scored = judged[judged["image_id"].isin(ids)].drop_duplicates("image_id")
-            scored = scored[scored["score"].notna()]
-            ap = average_precision(
-                scored["score"].to_numpy(float), scored["image_id"].isin(positives).to_numpy()
-            )
-        res["average_precision"] = ap
+            scored = scored[scored[key].notna()]
+            values = scored[key].to_numpy(float)
+            ranking = ranking_quality(-values if key == "rank" else values,
+                                      scored["image_id"].isin(positives).to_numpy())  # fmt: skip
+        res.update(ranking)
         out[scope_name] = res
     return out
 
@@ -366,10 +387,12 @@ def cleanlab_quality(
     the given labels and the members' mean probabilities (:func:`mean_probabilities`). Layout:
     ``{"split", "predictions": "out_of_fold" | "in_sample" | "mixed", "out_of_fold_images",
     "in_sample_images", "images", "mislabeled", "flagged", "true_positives", "precision", "recall",
-    "f1", "classes", "cleanlab_version"}``.
+    "f1", "average_precision", "top10_precision", "classes", "cleanlab_version"}``; the ranking numbers
+    order the images by cleanlab's label quality score (self-confidence, lowest first).
     """
     import cleanlab
     from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
 
     known = truth[truth["true_label"].notna()].set_index("image_id")
     imgs = images[(images["status"] == "ok") & (images["split"] == split) & images["label"].notna()]
@@ -384,10 +407,12 @@ def cleanlab_quality(
     n_oof = int(index["out_of_fold"].sum())
     kind = "out_of_fold" if n_oof == len(index) else "in_sample" if n_oof == 0 else "mixed"
     flagged: np.ndarray = np.zeros(len(ids), dtype=bool)
+    quality = np.zeros(len(ids))
     if len(ids) and len(set(labels)) >= 2:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # classes absent from labels, tiny classes: expected here
             flagged = np.asarray(find_label_issues(labels, probs, n_jobs=1), dtype=bool)
+            quality = np.asarray(get_label_quality_scores(labels, probs), dtype=float)  # low: likely wrong
     positives = known.index[known["is_mislabeled"].to_numpy(bool)]
     return {
         "split": split,
@@ -397,6 +422,7 @@ def cleanlab_quality(
         "images": len(ids),
         "mislabeled": int(np.isin(ids, positives).sum()),
         **prf(ids[flagged], positives, ids),
+        **ranking_quality(-quality, np.isin(ids, positives)),
         "classes": len(classes),
         "cleanlab_version": cleanlab.__version__,
     }
@@ -527,15 +553,16 @@ def format_quality(quality: Mapping[str, Any]) -> str:
     bl = (quality.get("blacklist") or {}).get("train")
     if bl:
         lines.append(f"blacklist vs ground truth (train: {bl['mislabeled']} mislabelled of {bl['images']})"
-                     f"   flagged  precision  recall     F1")  # fmt: skip
-        rows = [("label not found", bl[LABEL_NOT_FOUND]), ("all reasons", bl["all_reasons"])]
+                     f"   flagged  precision  recall     F1  top-10%     AP")  # fmt: skip
+        rows = [("label not found", bl[LABEL_NOT_FOUND], {}), ("all reasons", bl["all_reasons"], bl)]
         if quality.get("cleanlab"):
             cl = quality["cleanlab"]
-            rows.append((f"cleanlab find_label_issues ({cl.get('predictions', '?')})", cl))
-        for name, s in rows:
+            rows.append((f"cleanlab find_label_issues ({cl.get('predictions', '?')})", cl, cl))
+        for name, s, ranked in rows:
             lines.append(f"  {name:<46} {s['flagged']:>7}  {_f(s['precision']):>9}  {_f(s['recall']):>6}"
-                         f"  {_f(s['f1'])}")  # fmt: skip
-        right = _f(bl[LABEL_NOT_FOUND]["suggested_accuracy"], True).strip()
-        lines.append(f"  suggested label right for {right} of found errors; "
-                     f"ranking score average precision {_f(bl['average_precision'])}")  # fmt: skip
+                         f"  {_f(s['f1'])}  {_f(ranked.get('top10_precision')):>7}"
+                         f"  {_f(ranked.get('average_precision')):>5}")  # fmt: skip
+        right = _f(bl["all_reasons"]["suggested_accuracy"], True).strip()
+        lines.append(f"  suggested label right for {right} of found errors; top-10% and AP rank every judged "
+                     f"image (blacklist: estimated P(wrong label); cleanlab: self-confidence)")  # fmt: skip
     return "\n".join(lines)

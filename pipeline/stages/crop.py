@@ -31,15 +31,16 @@ from PIL import Image
 from pipeline import manifests, storage
 from pipeline.annotate import verdicts
 from pipeline.config import RunConfig
-from pipeline.crop import judge, select
+from pipeline.crop import confidence, judge, rank, select
 from pipeline.crop.localize import FCNEnsemble, Located, Saliency, load_classifier, whole_image_probs
+from pipeline.evaluation.quality import mean_probabilities
 from pipeline.models.data import load_rgb, normalize, training_rows
 from pipeline.names import UnsafeName, safe_id, safe_label, safe_split
 from pipeline.reasons import Reason
 from pipeline.resources import Node, PlacementError, Request, alive_nodes, as_nodes, describe_nodes, fit_count
 from pipeline.stages.base import Resources, RunContext, Stage, drain
 from pipeline.stages.train import fold_of, model_dir
-from pipeline.summary import update_metrics
+from pipeline.summary import read_metrics, update_metrics
 
 log = logging.getLogger("cropclean")
 
@@ -69,8 +70,6 @@ class Settings:
     early_stop: bool
     display_aspect: tuple[float, float] | None
     display_min_area: float
-    max_votes: int
-    min_score: float
     export: bool
     jpeg_quality: int
     threads: int
@@ -136,9 +135,8 @@ class CropWorker:
             whole = whole_image_probs(self.models[crop_key], x) if self.saliency else None
             for n, i in enumerate(idx):
                 row = batch.iloc[i]
-                verdict = self._judge(row, judge_located[n])
-                judged.append(verdict)
-                crops += self._crop_rows(row, pictures[i], crop_located[n], verdict, x[n : n + 1],
+                judged.append(self._judge(row, judge_located[n]))
+                crops += self._crop_rows(row, pictures[i], crop_located[n], x[n : n + 1],
                                          None if whole is None else whole[n])  # fmt: skip
         part = uuid.uuid4().hex
         manifests.write_table_atomic(_table(crops), storage.join(self.s.parts_dir, f"crops-{part}.parquet"))
@@ -149,26 +147,29 @@ class CropWorker:
     # ------------------------------------------------------------------------------------ per image
 
     def _judge(self, row: pd.Series, located: Located | None) -> dict[str, Any]:
+        """The FCN's evidence about the image's label; whether it is flagged is decided once every image
+        is judged (``pipeline/crop/rank.py``)."""
         base = {"image_id": row["image_id"], "split": row["split"], "label": row["label"],
-                "path": row["path"], "cross_label": bool(row["cross_label"])}  # fmt: skip
+                "path": row["path"], "cross_label": bool(row["cross_label"]),
+                "verified": bool(row["verified"])}  # fmt: skip
         if located is None:
-            return base | {"reason": Reason.TOO_SMALL_FOR_SCALES, "flagged": bool(row["cross_label"])}
-        j = judge.judge(located.findings, int(row["label_idx"]))
+            return base | {"reason": Reason.TOO_SMALL_FOR_SCALES}
+        f = located.findings
+        j = judge.judge(f, int(row["label_idx"]))
         names = self.s.classes
-        # A person has checked a kept or relabelled image: it is not sent back to annotators.
-        flagged = j.flagged(self.s.max_votes, self.s.min_score) and not bool(row["verified"])
         return base | {
             "votes": j.votes, "label_score": j.label_score, "suggested_label": names[j.suggested],
             "suggested_votes": j.suggested_votes, "suggested_score": j.suggested_score,
-            "members": j.members, "score": j.score, "flagged": flagged or bool(row["cross_label"]),
-            "reason": Reason.LABEL_NOT_FOUND if flagged else None,
+            "members": j.members,
+            # Every class's best votes and probability: the ranking compares the label's evidence with
+            # that of the other classes (labels known to be wrong).
+            "class_votes": [int(v) for v in f.votes], "class_scores": [float(v) for v in f.score],
             "evidence": judge.evidence(j, row["label"], names[j.suggested],
                                        located.scale_of(int(row["label_idx"])).factor,
                                        located.scale_of(j.suggested).factor),
         }  # fmt: skip
 
-    def _crop_rows(self, row: pd.Series, picture: np.ndarray, located: Located | None,
-                   verdict: dict[str, Any], x: torch.Tensor,
+    def _crop_rows(self, row: pd.Series, picture: np.ndarray, located: Located | None, x: torch.Tensor,
                    whole: np.ndarray | None) -> list[dict[str, Any]]:  # fmt: skip
         s = self.s
         base = {"image_id": row["image_id"], "split": row["split"], "label": row["label"], "mode": s.mode}
@@ -192,7 +193,7 @@ class CropWorker:
                     d = select.display_box(box, width, height, s.display_aspect, s.display_min_area)
                     r.update(zip(("display_x0", "display_y0", "display_x1", "display_y1"), d, strict=True))
                 if method == s.method and target == "label":
-                    r.update(self._export(row, picture, box, verdict))
+                    r.update(self._export(row, picture, box))
                 rows.append(r)
         return rows
 
@@ -217,10 +218,8 @@ class CropWorker:
         box, share = select.heat_window(heat, [sc.side for sc in located.scales])
         return box, names[c], {"score": share}
 
-    def _export(self, row: pd.Series, picture: np.ndarray, box: select.Box,
-                verdict: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
-        if verdict.get("flagged"):
-            return {"reason": Reason.BLACKLISTED}
+    def _export(self, row: pd.Series, picture: np.ndarray, box: select.Box) -> dict[str, Any]:
+        """The crop under OUT/cropped/; the stage takes blacklisted images out once the list is known."""
         if not self.s.export:
             return {}
         try:
@@ -342,19 +341,70 @@ class CropStage(Stage):
         crops, judged = read_parts(parts_dir, "crops"), read_parts(parts_dir, "judged")
         crops = crops.drop_duplicates(["image_id", "method", "target"]).reset_index(drop=True)
         judged = judged.drop_duplicates("image_id").reset_index(drop=True)
+        judged = judged.assign(verified=judged["image_id"].isin(verified))  # a person checked: never flagged
+        too_small = int((judged["reason"] == Reason.TOO_SMALL_FOR_SCALES).sum()) if "reason" in judged else 0
+        scored, summary, gate = self._rank(ctx, classes, images, rows, judged)
+        blacklist = blacklist_rows(scored, summary["allowed"], gate.decision)
+        crops = leave_out(ctx, crops, set(blacklist["image_id"]), cfg.crop.method)
         manifests.write_manifest("crops", crops, ctx.manifest("crops"))
-        blacklist = blacklist_rows(judged)
         manifests.write_manifest("blacklist", blacklist, ctx.manifest("blacklist"))
         # Per-image judgments (flagged or not) with their scores, for ranking metrics and calibration.
         judgments = storage.join(ctx.stage_dir(self.name), "judgments.parquet")
-        manifests.write_table_atomic(_table(judged.to_dict("records")), judgments)
-        stats = crop_stats(crops, judged, blacklist, cfg.crop.method, len(todo), time.perf_counter() - start)
+        manifests.write_table_atomic(_table(scored.to_dict("records")), judgments)
+        seconds = time.perf_counter() - start
+        stats = crop_stats(crops, blacklist, too_small, cfg.crop.method, len(todo), seconds)
+        stats["confidence"] = gate.decision  # crops and blacklist come from the same ensemble
+        stats["blacklist"] = summary | {"flagged": len(blacklist), "confidence": gate.as_dict()}
         update_metrics(cfg.out, "crop", stats)
+        if gate.decision == confidence.OK:
+            log.info("crop: %s", gate.message())
+        else:
+            log.warning("crop: %s", gate.message())
+        if len(blacklist) > summary["allowed"]:
+            log.warning("crop: the blacklist holds %d images, more than the %d wrong labels the run "
+                        "estimates (%.1f%% of %d); the annotator export sends the first %d unless forced "
+                        "(cropclean export OUT --force)", len(blacklist), summary["allowed"],
+                        100 * summary["noise_rate"], summary["images"], summary["allowed"])  # fmt: skip
         return stats
+
+    def _rank(self, ctx: RunContext, classes: list[str], images: pd.DataFrame, rows: pd.DataFrame,
+              judged: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any], confidence.Gate]:  # fmt: skip
+        """Score every judged image, pick the operating point, and judge the ensemble's strength."""
+        cfg, b = ctx.cfg, ctx.cfg.blacklist
+        predictions = None
+        if storage.exists(ctx.manifest("predictions")):
+            predictions = manifests.read_manifest("predictions", ctx.manifest("predictions"))
+        probabilities = mean_probabilities(predictions, classes) if predictions is not None else None
+        conflicts = duplicate_labels(ctx, images) if b.cross_label_duplicates else {}
+        scored, ranking = rank.score_judgments(judged, classes, probabilities, conflicts)
+        flagged = rank.flag(scored, b.operating_point, ranking.noise_rate, b.target_precision, b.max_votes,
+                            b.min_score)  # fmt: skip
+        scored = scored.assign(flagged=flagged, reason=reasons(scored, flagged, b.max_votes))
+        open_rows = ~scored["verified"].fillna(False).astype(bool)
+        p = scored.loc[open_rows, "p_wrong"].to_numpy(float)
+        summary: dict[str, Any] = {
+            "operating_point": b.operating_point,
+            "target_precision": b.target_precision if b.operating_point == "precision" else None,
+            "images": int(open_rows.sum()),
+            "noise_rate": round(ranking.noise_rate, 4),
+            "noise_rate_method": "mixture proportion (upper tails of the ranking, counterfactual labels)",
+            "allowed": rank.operating_point(p, "noise_rate", ranking.noise_rate, 1.0),
+            **rank.expected_quality(p, int(flagged.sum()) if b.operating_point != "votes" else 0),
+            "models": ranking.models,
+        }
+        if b.operating_point == "votes":  # not a head of the ranking: its expected precision directly
+            chosen = scored.loc[flagged, "p_wrong"]
+            summary["expected_precision"] = round(float(chosen.mean()), 4) if len(chosen) else None
+            summary["expected_recall"] = round(float(chosen.sum() / p.sum()), 4) if p.sum() > 0 else None
+        thresholds = confidence.Thresholds(b.min_lift, b.ok_lift, b.min_agreement, b.ok_agreement)
+        splits = dict(zip(rows["image_id"], rows["split"], strict=True))
+        gate = confidence.assess(read_metrics(cfg.out).get("training"), predictions, splits, len(classes),
+                                 cfg.train.folds, thresholds)  # fmt: skip
+        return scored, summary, gate
 
     def _settings(self, ctx: RunContext, classes: list[str], rows: pd.DataFrame, parts_dir: str) -> Settings:
         cfg = ctx.cfg
-        c, b = cfg.crop, cfg.blacklist
+        c = cfg.crop
         val = rows[rows["split"] == "val"].head(SIMILARNET_IMAGES)
         baselines = [m for m in c.baselines if m != "none"]  # "none" (no crop) is evaluation's row alone
         return Settings(
@@ -362,7 +412,7 @@ class CropStage(Stage):
             crop_models=cfg.train.crop_models, method=c.method, mode=c.mode, baselines=baselines,
             step=c.scale_factor, max_scale=c.max_scale, early_stop=c.early_stop,
             display_aspect=tuple(c.display_aspect) if c.display_aspect else None,
-            display_min_area=c.display_min_area, max_votes=b.max_votes, min_score=b.min_score,
+            display_min_area=c.display_min_area,
             export=c.export, jpeg_quality=c.jpeg_quality, threads=max(1, int(c.cpus_per_actor)),
             parts_dir=parts_dir,
             similarnet_rows=list(zip(val["path"], val["label_idx"].astype(int), strict=True)),
@@ -393,29 +443,80 @@ def batch_blocks(frame: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
     return blocks or [frame]
 
 
-def blacklist_rows(judged: pd.DataFrame) -> pd.DataFrame:
-    """The flagged images, most likely wrong first."""
-    flagged = judged[judged["flagged"].fillna(False).astype(bool)].copy()
+def duplicate_labels(ctx: RunContext, images: pd.DataFrame) -> dict[str, list[str]]:
+    """Per image whose duplicate group carries more than one label, the other labels its copies carry."""
+    uri = ctx.manifest("duplicates")
+    if not storage.exists(uri):
+        return {}
+    dups = manifests.read_manifest("duplicates", uri, columns=["image_id", "group_id", "cross_label"])
+    dups = dups[dups["cross_label"]]
+    dups = dups.assign(label=dups["image_id"].map(images.set_index("image_id")["label"])).dropna()
+    out: dict[str, list[str]] = {}
+    for _, group in dups.groupby("group_id"):
+        labels = set(group["label"])
+        for image, label in zip(group["image_id"], group["label"], strict=True):
+            if labels - {label}:
+                out[image] = sorted(labels - {label})
+    return out
+
+
+def reasons(scored: pd.DataFrame, flagged: np.ndarray, max_votes: int) -> pd.Series:
+    """Why each flagged image is on the list: no member finds its label (the paper's case), else a copy
+    under another label, else the ranking; unflagged rows keep the judging reason (too small, or none)."""
+    why = np.where(scored["votes"].fillna(np.inf) <= max_votes, Reason.LABEL_NOT_FOUND.value,
+                   np.where(scored["conflict"], Reason.CROSS_LABEL_DUPLICATE.value,
+                            Reason.LIKELY_MISLABELED.value))  # fmt: skip
+    before = scored["reason"] if "reason" in scored else pd.Series(None, index=scored.index, dtype=object)
+    before = before.where(before == Reason.TOO_SMALL_FOR_SCALES.value, None)
+    return pd.Series(np.where(flagged, why, before.astype(object)), index=scored.index)
+
+
+def blacklist_rows(scored: pd.DataFrame, allowed: int, decision: str) -> pd.DataFrame:
+    """The flagged images, most likely wrong first, marked with the run's confidence and whether each lies
+    within the estimated number of wrong labels (``allowed``)."""
+    names = manifests.load_schema("blacklist").names
+    flagged = scored[scored["flagged"]].sort_values("rank").reset_index(drop=True)
     if flagged.empty:
-        return pd.DataFrame(columns=manifests.load_schema("blacklist").names)
-    reason = flagged["reason"].where(
-        flagged["reason"] == Reason.LABEL_NOT_FOUND, Reason.CROSS_LABEL_DUPLICATE
-    )
-    flagged = flagged.assign(reason=reason, score=flagged["score"].fillna(1.0) if "score" in flagged else 1.0)
-    flagged = flagged.sort_values(["score", "image_id"], ascending=[False, True])
-    return flagged.reindex(columns=manifests.load_schema("blacklist").names).reset_index(drop=True)
+        return pd.DataFrame(columns=names)
+    # The FCN could not judge an image too small for the pyramid: the whole-image runner-up is the suggestion.
+    fallback = flagged["suggested_label"].isna() & flagged["other_label"].notna()
+    columns = [flagged[c] for c in ("label", "label_prob", "other_label", "other_prob", "p_wrong")]
+    extra = [f"whole image: {label} p={p:.2f}, {other} p={q:.2f}; P(wrong label)={w:.2f}"
+             if not pd.isna(p) else f"P(wrong label)={w:.2f}"
+             for label, p, other, q, w in zip(*columns, strict=True)]  # fmt: skip
+    evidence = [f"{e}; {x}" if isinstance(e, str) and e else x
+                for e, x in zip(flagged["evidence"], extra, strict=True)]  # fmt: skip
+    flagged = flagged.assign(
+        score=flagged["p_wrong"], evidence=evidence, confidence=decision,
+        within_noise_rate=np.arange(len(flagged)) < allowed,
+        suggested_label=flagged["suggested_label"].where(~fallback, flagged["other_label"]),
+        suggested_score=flagged["suggested_score"].where(~fallback, flagged["other_prob"]),
+    )  # fmt: skip
+    return flagged.reindex(columns=names)
 
 
-def crop_stats(crops: pd.DataFrame, judged: pd.DataFrame, blacklist: pd.DataFrame, method: str,
-               processed: int, seconds: float) -> dict[str, Any]:  # fmt: skip
+def leave_out(ctx: RunContext, crops: pd.DataFrame, blacklisted: set[str], method: str) -> pd.DataFrame:
+    """The cropped dataset leaves the blacklist out: its crop files go, its rows say why."""
+    main = (crops["method"] == method) & (crops["target"] == "label") & crops["image_id"].isin(blacklisted)
+    for path in crops.loc[main, "path"].dropna() if "path" in crops else ():
+        storage.remove(storage.join(ctx.out, path))
+    crops = crops.copy()
+    if "path" in crops:
+        crops.loc[main, "path"] = None
+    crops.loc[main, "reason"] = Reason.BLACKLISTED.value
+    return crops
+
+
+def crop_stats(crops: pd.DataFrame, blacklist: pd.DataFrame, too_small: int, method: str, processed: int,
+               seconds: float) -> dict[str, Any]:  # fmt: skip
     main = crops[(crops["method"] == method) & (crops["target"] == "label")]
     boxed = main.dropna(subset=["x0"])
     return {
-        "images": len(judged),
+        "images": int(main["image_id"].nunique()),
         "processed": processed,
         "seconds": round(seconds, 2),
-        "too_small": int((judged["reason"] == Reason.TOO_SMALL_FOR_SCALES).sum()),
+        "too_small": too_small,
         "blacklisted": {str(k): int(v) for k, v in blacklist["reason"].value_counts().items()},
-        "exported": int(main["path"].notna().sum()),
+        "exported": int(main["path"].notna().sum()) if "path" in main else 0,
         "mean_side": round(float((boxed["x1"] - boxed["x0"]).mean()), 1) if len(boxed) else None,
     }

@@ -1,5 +1,7 @@
 """Stage ``export``: the annotator files under ``OUT/export/`` (``pipeline.annotate.export``), after the
-blacklist. Cheap, so its key is the content of what it reads: it runs again whenever that changes."""
+blacklist. Cheap, so its key is the content of what it reads: it runs again whenever that changes. It
+never forces: a withheld blacklist is left out (its stats say why), a list longer than the run's
+estimated number of wrong labels is cut."""
 
 from __future__ import annotations
 
@@ -29,4 +31,7 @@ class ExportStage(Stage):
     def run(self, ctx: RunContext) -> dict[str, Any]:
         classes = json.loads(storage.read_text(ctx.uri("models", "classes.json")))
         written = write_blacklist_export(ctx.out, classes, self.image_prefix)
-        return {"rows": written["rows"], "files": sorted(written["files"].values())}
+        # A withheld list is not exported here; `cropclean export OUT --force` does it on purpose.
+        return {"rows": written["rows"], "files": sorted(written["files"].values()),
+                "refused": written["refused"], "withheld": written["withheld"], "message": written["message"],
+                "warnings": written["warnings"]}  # fmt: skip
