@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nestimated noise rate {100 * noise:.1f}% of {len(scored)} (true {100 * positive.mean():.1f}%)")
     for name, model in ranking.models.items():
         print(f"  weights ({name}, per unit): {model['weights']}")
-    thresholds = confidence.Thresholds(b.min_lift, b.ok_lift, b.min_agreement, b.ok_agreement)
+    thresholds = confidence.Thresholds(b.min_lift, b.ok_lift, b.ok_agreement)
     splits = dict(zip(d["images"]["image_id"], d["images"]["split"], strict=True))
     gate = confidence.assess(read_metrics(args.run).get("training"), d["predictions"], splits, len(classes),
                              cfg.train.folds, thresholds)  # fmt: skip

@@ -379,13 +379,10 @@ class BlacklistConfig(_Section):
         0.6, ge=-1, le=1, description="Below this lift (at least min_lift): low confidence, marked for "
         "annotators.",
     )  # fmt: skip
-    min_agreement: float = Field(
-        0.2, ge=-1, le=1, description="Withhold when the members of the weakest judging ensemble agree less "
-        "than this: mean pairwise Cohen's kappa of their predictions on images they never trained on.",
-    )  # fmt: skip
     ok_agreement: float = Field(
-        0.6, ge=-1, le=1, description="Below this agreement (at least min_agreement): low confidence."
-    )
+        0.6, ge=-1, le=1, description="Low confidence when the members of the weakest judging ensemble agree "
+        "less than this: mean pairwise Cohen's kappa of their predictions on images they never trained on.",
+    )  # fmt: skip
     verified: str | None = Field(
         None, description="verified_train.tsv (Food-101N format) to report precision/recall against."
     )
@@ -394,7 +391,7 @@ class BlacklistConfig(_Section):
 
     @model_validator(mode="after")
     def _ordered_gates(self) -> BlacklistConfig:
-        for low, high in (("min_lift", "ok_lift"), ("min_agreement", "ok_agreement")):
+        for low, high in (("min_lift", "ok_lift"),):
             if getattr(self, low) > getattr(self, high):
                 raise ValueError(f"blacklist.{low} ({getattr(self, low)}) must not exceed blacklist.{high} "
                                  f"({getattr(self, high)})")  # fmt: skip
