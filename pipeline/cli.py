@@ -140,9 +140,11 @@ def _print_crop(report: Any, cfg: RunConfig) -> None:
     if ranking:
         gate = ranking.get("confidence") or {}
         decision = gate.get("decision", "?")
+        rate = ranking.get("noise_rate")
+        estimate = (f"estimated noise rate {100 * rate:.1f}% ({ranking['allowed']} of {ranking['images']})"
+                    if rate is not None else "noise rate not estimated (no cross-fitting)")  # fmt: skip
         print(f"  ranked by estimated probability of a wrong label; operating point "
-              f"{ranking['operating_point']}, estimated noise rate {100 * ranking['noise_rate']:.1f}% "
-              f"({ranking['allowed']} of {ranking['images']}); confidence {decision}")  # fmt: skip
+              f"{ranking['operating_point']}, {estimate}; confidence {decision}")  # fmt: skip
         if gate.get("decision") not in (None, "ok"):
             print(f"warning: {gate.get('message', '')}", file=sys.stderr)
     if "export" in report.results:

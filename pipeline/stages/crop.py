@@ -377,22 +377,34 @@ class CropStage(Stage):
         probabilities = mean_probabilities(predictions, classes) if predictions is not None else None
         conflicts = duplicate_labels(ctx, images) if b.cross_label_duplicates else {}
         scored, ranking = rank.score_judgments(judged, classes, probabilities, conflicts)
-        flagged = rank.flag(scored, b.operating_point, ranking.noise_rate, b.target_precision, b.max_votes,
+        mode = b.operating_point
+        # Without cross-fitting the train images are judged by models that learned their labels, wrong
+        # ones included: those labels look right, and the noise rate comes out near 0 (an empty list).
+        # The paper's rule still finds labels no member recognizes anywhere; nothing is cut by the rate.
+        in_sample = not cfg.train.folds
+        if in_sample and mode != "votes":
+            log.warning("crop: no cross-fitting (train.folds 0): the noise rate cannot be estimated from "
+                        "in-sample judgments; the blacklist follows the votes rule (blacklist.max_votes), "
+                        "not blacklist.operating_point %s", mode)  # fmt: skip
+            mode = "votes"
+        flagged = rank.flag(scored, mode, ranking.noise_rate, b.target_precision, b.max_votes,
                             b.min_score)  # fmt: skip
         scored = scored.assign(flagged=flagged, reason=reasons(scored, flagged, b.max_votes))
         open_rows = ~scored["verified"].fillna(False).astype(bool)
         p = scored.loc[open_rows, "p_wrong"].to_numpy(float)
+        allowed = rank.operating_point(p, "noise_rate", ranking.noise_rate, 1.0)
         summary: dict[str, Any] = {
-            "operating_point": b.operating_point,
-            "target_precision": b.target_precision if b.operating_point == "precision" else None,
+            "operating_point": mode,
+            "target_precision": b.target_precision if mode == "precision" else None,
             "images": int(open_rows.sum()),
-            "noise_rate": round(ranking.noise_rate, 4),
-            "noise_rate_method": "mixture proportion (upper tails of the ranking, counterfactual labels)",
-            "allowed": rank.operating_point(p, "noise_rate", ranking.noise_rate, 1.0),
-            **rank.expected_quality(p, int(flagged.sum()) if b.operating_point != "votes" else 0),
+            "noise_rate": None if in_sample else round(ranking.noise_rate, 4),
+            "noise_rate_method": "in-sample judgments: not estimated" if in_sample else
+            "mixture proportion (upper tails of the ranking, counterfactual labels)",
+            "allowed": int(flagged.sum()) if in_sample else allowed,
+            **rank.expected_quality(p, int(flagged.sum()) if mode != "votes" else 0),
             "models": ranking.models,
-        }
-        if b.operating_point == "votes":  # not a head of the ranking: its expected precision directly
+        }  # fmt: skip
+        if mode == "votes":  # not a head of the ranking: its expected precision directly
             chosen = scored.loc[flagged, "p_wrong"]
             summary["expected_precision"] = round(float(chosen.mean()), 4) if len(chosen) else None
             summary["expected_recall"] = round(float(chosen.sum() / p.sum()), 4) if p.sum() > 0 else None
