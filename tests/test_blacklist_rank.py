@@ -18,7 +18,7 @@ from pipeline.cli import main
 from pipeline.config import ConfigError, build_config
 from pipeline.crop import confidence, rank
 from pipeline.evaluation.quality import average_precision, blacklist_quality, top_precision
-from pipeline.stages.crop import blacklist_rows, leave_out, reasons
+from pipeline.stages.crop import blacklist_rows, leave_out, left_out, reasons
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -291,6 +291,10 @@ def test_the_cropped_dataset_leaves_the_blacklist_out(tmp_path):
         True,
     ]
     assert sorted(p.name for p in (tmp_path / "cropped").iterdir()) == ["i0.jpg", "i2.jpg"]
+    # A withheld list is not trusted: the cropped dataset keeps its images.
+    listed = pd.DataFrame({"image_id": ["i0", "i2"]})
+    assert left_out(listed, "withheld") == set()
+    assert left_out(listed, "low_confidence") == left_out(listed, "ok") == {"i0", "i2"}
 
 
 # ------------------------------------------------------------------------------------------- the gate

@@ -345,7 +345,7 @@ class CropStage(Stage):
         too_small = int((judged["reason"] == Reason.TOO_SMALL_FOR_SCALES).sum()) if "reason" in judged else 0
         scored, summary, gate = self._rank(ctx, classes, images, rows, judged)
         blacklist = blacklist_rows(scored, summary["allowed"], gate.decision)
-        crops = leave_out(ctx, crops, set(blacklist["image_id"]), cfg.crop.method)
+        crops = leave_out(ctx, crops, left_out(blacklist, gate.decision), cfg.crop.method)
         manifests.write_manifest("crops", crops, ctx.manifest("crops"))
         manifests.write_manifest("blacklist", blacklist, ctx.manifest("blacklist"))
         # Per-image judgments (flagged or not) with their scores, for ranking metrics and calibration.
@@ -505,6 +505,12 @@ def blacklist_rows(scored: pd.DataFrame, allowed: int, decision: str) -> pd.Data
         suggested_score=flagged["suggested_score"].where(~fallback, flagged["other_prob"]),
     )  # fmt: skip
     return flagged.reindex(columns=names)
+
+
+def left_out(blacklist: pd.DataFrame, decision: str) -> set[str]:
+    """The images the cropped dataset leaves out: the blacklist's, unless the gate withheld the list (not
+    trusted: the dataset keeps them; Table IV's retraining still leaves them out, as it measures the list)."""
+    return set() if decision == confidence.WITHHELD else set(blacklist["image_id"])
 
 
 def leave_out(ctx: RunContext, crops: pd.DataFrame, blacklisted: set[str], method: str) -> pd.DataFrame:
