@@ -344,12 +344,10 @@ def test_the_crop_export_writes_nothing_for_a_hand_edited_row(tmp_path):
                ("train", "pho", "../../../../escape", Reason.BAD_IMAGE_ID)]  # fmt: skip
     for split, label, image_id, reason in hostile:
         row = pd.Series({"split": split, "label": label, "image_id": image_id})
-        assert worker._export(row, picture, (0, 0, 32, 32), {"flagged": False}) == {"reason": reason}
+        assert worker._export(row, picture, (0, 0, 32, 32)) == {"reason": reason}
     assert files_under(tmp_path) == before
     row = pd.Series({"split": "train", "label": "ramen 🍜", "image_id": GOOD_ID})
-    assert worker._export(row, picture, (0, 0, 32, 32), {}) == {
-        "path": f"cropped/train/ramen 🍜/{GOOD_ID}.jpg"
-    }
+    assert worker._export(row, picture, (0, 0, 32, 32)) == {"path": f"cropped/train/ramen 🍜/{GOOD_ID}.jpg"}
     assert set(files_under(tmp_path)) - set(before) == {f"nested/run/cropped/train/ramen 🍜/{GOOD_ID}.jpg"}
 
 
