@@ -113,10 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "noise_rate": rank.flag(scored, "noise_rate", noise, target),
         "precision": rank.flag(scored, "precision", noise, target),
     }
-    old_rule = (scored["votes"].fillna(np.inf) <= b.max_votes) & (
-        scored["margin"].fillna(-np.inf) >= b.min_score
-    )
-    old_flag = (old_rule | scored["cross_label"].fillna(False).astype(bool)).to_numpy()
+    old_flag = rank.flag(scored, "votes", noise, target, b.max_votes, b.min_score)  # as the stage applies it
     labels = pd.Index(classes).get_indexer(scored["label"])
     index, matrix = probabilities
     where = pd.Index(index["image_id"]).get_indexer(scored["image_id"])
@@ -144,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nestimated noise rate {100 * noise:.1f}% of {len(scored)} (true {100 * positive.mean():.1f}%)")
     for name, model in ranking.models.items():
         print(f"  weights ({name}, per unit): {model['weights']}")
-    thresholds = confidence.Thresholds(b.min_lift, b.ok_lift, b.ok_agreement)
+    thresholds = confidence.Thresholds.of(b)
     splits = dict(zip(d["images"]["image_id"], d["images"]["split"], strict=True))
     gate = confidence.assess(read_metrics(args.run).get("training"), d["predictions"], splits, len(classes),
                              cfg.train.folds, thresholds)  # fmt: skip

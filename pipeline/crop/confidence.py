@@ -45,6 +45,11 @@ class Thresholds:
     ok_lift: float = 0.6
     ok_agreement: float = 0.6
 
+    @classmethod
+    def of(cls, blacklist: Any) -> Thresholds:
+        """The thresholds a run's ``blacklist`` config section sets."""
+        return cls(blacklist.min_lift, blacklist.ok_lift, blacklist.ok_agreement)
+
 
 @dataclass
 class Gate:

@@ -408,7 +408,7 @@ class CropStage(Stage):
             chosen = scored.loc[flagged, "p_wrong"]
             summary["expected_precision"] = round(float(chosen.mean()), 4) if len(chosen) else None
             summary["expected_recall"] = round(float(chosen.sum() / p.sum()), 4) if p.sum() > 0 else None
-        thresholds = confidence.Thresholds(b.min_lift, b.ok_lift, b.ok_agreement)
+        thresholds = confidence.Thresholds.of(b)
         splits = dict(zip(rows["image_id"], rows["split"], strict=True))
         gate = confidence.assess(read_metrics(cfg.out).get("training"), predictions, splits, len(classes),
                                  cfg.train.folds, thresholds)  # fmt: skip
