@@ -18,9 +18,11 @@ from tests.conftest import ingest_config
 
 # Cross-fitting on: train images are judged by the fold model that never saw them (crops come from the
 # full-data models); an in-sample model has memorized the flipped labels it should find. Cell mode (the
-# paper's window; cpu-small crops regions): the crops are the pyramid's squares.
+# paper's window): the crops are the pyramid's squares. The gate never withholds here (min_lift -1): a
+# withheld list would keep its images in the cropped dataset (test_blacklist_rank.py), and these short
+# trainings land on either side of the default line from run to run.
 SETS = ("train.finetune_epochs=4", "train.folds=2", "crop.max_scale=1.5", "crop.mode=cell",
-        "crop.baselines=[centre, gradcam, similarnet]")  # fmt: skip
+        "crop.baselines=[centre, gradcam, similarnet]", "blacklist.min_lift=-1")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +86,7 @@ def test_cropped_dataset_leaves_out_the_blacklist_and_says_why(cropped):
     assert len(blacklist) == ranking["allowed"]
     assert abs(ranking["allowed"] - ranking["noise_rate"] * ranking["images"]) <= 1
     assert blacklist["within_noise_rate"].all() and blacklist["confidence"].nunique() == 1
-    assert ranking["confidence"]["decision"] in {"ok", "low_confidence", "withheld"}
+    assert ranking["confidence"]["decision"] in {"ok", "low_confidence"}  # min_lift -1: never withheld
 
 
 def test_label_not_found_flags_mislabelled_images_more_than_correct_ones(cropped):
