@@ -196,8 +196,11 @@ def mixture_proportion(given: np.ndarray, wrong: np.ndarray, min_tail: float = M
     in_wrong = np.arange(1, len(t) + 1)
     in_given = len(g) - np.searchsorted(g, t, side="left")
     ratio = (in_given / len(g)) / (in_wrong / len(t))
-    # Delta method on a ratio of two independent binomial shares.
-    se = ratio * np.sqrt(1.0 / np.maximum(in_given, 1) + 1.0 / in_wrong)
+    # Delta method on a ratio of two independent binomial shares. A tail without given labels still has an
+    # error of about one count: at a small noise rate, the few wrong labels often miss the top tail by
+    # chance, and a zero there would bound the noise rate at 0 and flag nothing.
+    counted = np.maximum(in_given, 1)
+    se = (counted / len(g)) / (in_wrong / len(t)) * np.sqrt(1.0 / counted + 1.0 / in_wrong)
     ok = in_wrong / len(t) >= min_tail
     return float(np.clip((ratio + se)[ok].min(), 0.0, 1.0))
 
