@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import manifests
 from pipeline.config import RunConfig, build_config, load_config_file
 from pipeline.evaluation.classify import with_boxes
-from pipeline.models.data import Augment, augment_batch, decode_rows, decoded_size, training_rows
+from pipeline.models.augment import Augment, augment_images
+from pipeline.models.data import decode_rows, decoded_size, training_rows
 from pipeline.models.train_loop import (
     LoopState,
     TrainParams,
@@ -81,6 +82,7 @@ def one_seed(prep: Prepared, seed: int) -> list[dict[str, float]]:
     p, size = prep.params, prep.params.input_size
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
     model = build_model(p.arch, p.classes, head=p.head, weights=p.weights, input_size=size)
     model = model.to(memory_format=torch.channels_last)
     device, history, optimizer, phase = torch.device("cpu"), [], None, None
@@ -93,9 +95,9 @@ def one_seed(prep: Prepared, seed: int) -> list[dict[str, float]]:
             group["lr"] = epoch_lr(p, epoch)
         model.train()
         set_trainable(model, p, epoch)
-        views = augment_batch(prep.train, size=size, augment=prep.augment)
-        order = rng.permutation(len(views["label"]))
-        run_epoch(model, batches(views, p.batch_size, order), device, optimizer)
+        order = rng.permutation(len(prep.train["label"]))
+        run_epoch(model, batches(prep.train, p.batch_size, order), device, optimizer,
+                  transform=lambda x: augment_images(x, size, prep.augment, generator))  # fmt: skip
         scores = {
             name: run_epoch(model, batches(data, 256), device, None) for name, data in prep.sets.items()
         }

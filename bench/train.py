@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.cli import main as cli_main
 from pipeline.config import build_config, load_config_file
 from pipeline.ingest import ingest_stages
-from pipeline.models.data import Augment, augment_batch, decode_rows, training_rows
+from pipeline.models.augment import Augment, augment_images
+from pipeline.models.data import decode_rows, training_rows
 from pipeline.models.zoo import build_model
 from pipeline.runner import run_stages
 from pipeline.stages.train import TrainStage
@@ -58,14 +59,16 @@ def plain_pytorch(run: Path, arch: str, size: int, epochs: int, batch: int, thre
     model = build_model(arch, len(classes), input_size=size).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     augment, n, seen = Augment(), len(train["label"]), 0
+    pixels, labels = torch.from_numpy(train["image"]), torch.from_numpy(train["label"])
+    generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for _ in range(epochs):
         model.train()
-        order = np.random.permutation(n)
+        order = torch.from_numpy(np.random.permutation(n))
         for i in range(0, n - 1, batch):
             idx = order[i : i + batch]
-            b = augment_batch({k: v[idx] for k, v in train.items()}, size=size, augment=augment)
-            x, y = torch.from_numpy(b["image"]).to(device), torch.from_numpy(b["label"]).to(device)
+            x = augment_images(pixels[idx].to(device), size, augment, generator)
+            y = labels[idx].to(device)
             opt.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()

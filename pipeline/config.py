@@ -281,6 +281,9 @@ class TrainConfig(_Section):
         1.0, gt=0, description="CPUs each Ray Train worker reserves; torch uses as many threads (at least 1)."
     )
     use_gpu: Literal["auto", "yes", "no"] = Field("auto", description="auto: GPUs when the cluster has any.")
+    gpus_per_worker: float = Field(
+        1.0, gt=0, le=1, description="GPU share each Ray Train worker reserves (0.5: two trainings per GPU)."
+    )
     concurrent_members: int | None = Field(None, ge=1, description="Trainings at once; default: what fits.")
     max_failures: int = Field(
         3, ge=0, description="Worker failures a training survives (resumes from checkpoint)."

@@ -27,7 +27,15 @@ from pipeline.models.train_loop import (
 )
 from pipeline.models.zoo import build_model, head_parameters, trunk_parameters
 from pipeline.runner import run_stages
-from pipeline.stages.train import DatasetCache, TrainStage, augment_of, concurrency, make_jobs, member_params
+from pipeline.stages.train import (
+    DatasetCache,
+    TrainStage,
+    augment_of,
+    concurrency,
+    make_jobs,
+    member_params,
+    worker_request,
+)
 from tests.conftest import ingest_config
 
 TINY = ["train.members=[{arch: resnet18, input_size: 32}]", "train.folds=0", "train.batch_size=16",
@@ -170,6 +178,8 @@ def test_training_batches_mix_the_classes_and_change_order_each_epoch(tiny_run):
     orders = []
     for epoch in (0, 1):
         batches = list(train_batches(ds.iterator(), p, epoch))
+        # Decoded once as uint8 a little larger than the input; the worker augments them on its device.
+        assert all(b["image"].dtype == torch.uint8 and b["image"].shape[1:] == (3, 37, 37) for b in batches)
         assert sorted(r for b in batches for r in b["row"].tolist()) == list(range(len(rows)))  # all, once
         assert all(b["label"].unique().numel() >= 2 for b in batches[:-1])  # every full batch mixes classes
         orders.append([r for b in batches for r in b["row"].tolist()])
@@ -186,6 +196,11 @@ def test_members_train_at_once_when_the_cluster_has_room_and_one_by_one_when_not
     assert concurrency(whole, 8, {"CPU": 16}, gpu=False) == 8
     pairs = ingest_config("data", "out", "train.num_workers=2")
     assert concurrency(pairs, 3, {"CPU": 16, "GPU": 4}, gpu=True) == 2  # two 2-GPU trainings
+    shared = ingest_config("data", "out", "train.gpus_per_worker=0.25")
+    assert concurrency(shared, 6, {"CPU": 16, "GPU": 1}, gpu=True) == 4  # four trainings share one GPU
+    assert worker_request(shared, True).gpus == 0.25 and worker_request(shared, False).gpus == 0.0
+    with pytest.raises(ConfigError, match=r"gpus_per_worker"):
+        ingest_config("data", "out", "train.gpus_per_worker=2")
     three = ingest_config("data", "out", "train.concurrent_members=3", "train.cpus_per_worker=0.5")
     assert concurrency(three, 4, {"CPU": 8}, False) == 3
     assert concurrency(three, 4, {"CPU": 2}, False) == 3  # half a CPU left: the data tasks ask for half each

@@ -1,49 +1,33 @@
-"""Training data: images-manifest rows -> decoded, augmented tensors, on Ray Data.
+"""Training data: images-manifest rows -> decoded tensors, on Ray Data.
 
-Decoding runs in Ray Data tasks (``map_batches``); for training, augmentation (random resized crop,
-flip, colour jitter) runs there too, in a second ``map_batches`` that is re-executed every epoch. When
-the decoded images are small enough (``cache_bytes``), they are decoded once and kept in the object
-store, so an epoch costs only the augmentation. Evaluation squashes the whole image to the input size
-(no centre crop: the object may sit anywhere). Rows may carry a box (``x0, y0, x1, y1``, pixels of the
-normalized image, x1 and y1 exclusive): that part of the image is cut out first and then gets the same
-squash-resize as a whole image, so crops and originals are compared under one protocol.
+Decoding runs in Ray Data tasks (``map_batches``). Training images are decoded as uint8, a little
+larger than the input, and augmented by the training worker itself, a batch at a time on its device
+(``pipeline.models.augment``). When the decoded images are small enough (``cache_bytes``), they are
+decoded once and kept in the object store, so an epoch reads them as they are. Evaluation squashes the
+whole image to the input size (no centre crop: the object may sit anywhere). Rows may carry a box
+(``x0, y0, x1, y1``, pixels of the normalized image, x1 and y1 exclusive): that part of the image is cut
+out first and then gets the same squash-resize as a whole image, so crops and originals are compared
+under one protocol.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torchvision.transforms import v2
 
 from pipeline import storage
+from pipeline.models.augment import Augment, normalize
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-_MEAN = torch.tensor(MEAN).view(1, 3, 1, 1)
-_STD = torch.tensor(STD).view(1, 3, 1, 1)
-
-
-@dataclass(frozen=True)
-class Augment:
-    flip: bool = True
-    crop_scale: tuple[float, float] = (0.6, 1.0)  # random resized crop: share of the image area
-    color_jitter: float = 0.2
+__all__ = ["Augment", "normalize"]  # the augmentation's settings and normalization live in augment.py
 
 
 def load_rgb(uri: str) -> Image.Image:
     with Image.open(io.BytesIO(storage.read_bytes(uri))) as im:
         return im.convert("RGB")
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float32, ImageNet mean and std."""
-    return (images.float() / 255.0 - _MEAN) / _STD
 
 
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
@@ -73,20 +57,6 @@ def decode_batch(
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     pixels = (normalize(images) if as_float else images).numpy()
     return {"image": pixels, "label": batch["label"].astype(np.int64), "row": batch["row"].astype(np.int64)}
-
-
-def augment_batch(batch: dict[str, np.ndarray], *, size: int, augment: Augment) -> dict[str, np.ndarray]:
-    """Ray Data map_batches: uint8 images -> augmented, normalized float32 (N, 3, size, size)."""
-    steps: list[Any] = [v2.RandomResizedCrop(size, scale=augment.crop_scale, antialias=True)]
-    if augment.flip:
-        steps.append(v2.RandomHorizontalFlip())
-    if augment.color_jitter:
-        j = augment.color_jitter
-        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
-    transform = v2.Compose(steps)
-    images = torch.from_numpy(batch["image"])
-    augmented = torch.stack([transform(img) for img in images])
-    return {"image": normalize(augmented).numpy(), "label": batch["label"], "row": batch["row"]}
 
 
 def training_rows(images: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
@@ -130,7 +100,8 @@ def decode_rows(rows: pd.DataFrame, out: str, size: int, as_float: bool) -> dict
 def ray_dataset(rows: pd.DataFrame, out: str, size: int, augment: Augment | None, batch_size: int = 32,
                 cache_bytes: int = 2**30, seed: int = 0, num_cpus: float = 1.0):  # fmt: skip
     """A Ray Dataset of these rows' images (or of their boxes, when the rows have box columns): decoded
-    and normalized (evaluation), or decoded then augmented afresh each epoch (training). Each of its
+    and normalized (evaluation), or decoded as uint8 at ``decoded_size`` for the training worker to
+    augment afresh each epoch (training: ``augment`` given, rows shuffled once). Each of its
     tasks asks for ``num_cpus``: less than a whole CPU where the training workers it feeds leave only
     part of one on a node (``pipeline.stages.train.data_cpus``)."""
     import ray
@@ -145,7 +116,4 @@ def ray_dataset(rows: pd.DataFrame, out: str, size: int, augment: Augment | None
     )  # fmt: skip
     if decoded_bytes(len(rows), size, augment) <= cache_bytes:
         decoded = decoded.materialize()
-    if augment is None:
-        return decoded
-    return decoded.map_batches(augment_batch, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
-                               fn_kwargs={"size": size, "augment": augment})  # fmt: skip
+    return decoded

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from pipeline import storage
+from pipeline.models.augment import Augment, augment_images
 from pipeline.models.zoo import (
     ModelError,
     build_model,
@@ -59,6 +60,9 @@ class TrainParams:
     select_by: str = "top1"  # top1 | loss: what "best on validation" means
     seed: int = 0
     threads: int = 1  # torch threads on CPU
+    # The training batches' augmentation (``Augment``'s fields), done by the worker on its device; the
+    # train dataset holds decoded uint8 images a little larger than input_size.
+    augment: dict[str, Any] = field(default_factory=lambda: asdict(Augment()))
     # Fault injection: the worker process dies once in the middle of each of these epochs (epoch
     # ``epochs``: while predicting).
     kill_at_epochs: list[int] = field(default_factory=list)
@@ -128,8 +132,9 @@ def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
 
 
 def run_epoch(model: nn.Module, batches: Any, device: torch.device, optimizer: torch.optim.Optimizer | None,
-              on_batch: Any = None) -> dict[str, float]:  # fmt: skip
-    """One pass over ``batches`` (dicts with 'image' and 'label'); trains when an optimizer is given."""
+              on_batch: Any = None, transform: Any = None) -> dict[str, float]:  # fmt: skip
+    """One pass over ``batches`` (dicts with 'image' and 'label'); trains when an optimizer is given.
+    ``transform`` (images on the device -> model input) augments each batch when given."""
     training = optimizer is not None
     if not training:
         model.eval()
@@ -142,6 +147,8 @@ def run_epoch(model: nn.Module, batches: Any, device: torch.device, optimizer: t
             y = batch["label"].to(device, non_blocking=True)
             if training and len(y) < 2:  # batch norm cannot train on one image (a last, ragged batch)
                 continue
+            if transform is not None:
+                x = transform(x)
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
                 logits = model(x)
@@ -159,6 +166,13 @@ def run_epoch(model: nn.Module, batches: Any, device: torch.device, optimizer: t
                 on_batch(i)
     return {"loss": loss_sum / max(total, 1), "top1": top1 / max(total, 1), "top5": top5 / max(total, 1),
             "images": total}  # fmt: skip
+
+
+def augmenter(p: TrainParams, epoch: int, rank: int) -> Any:
+    """The epoch's augmentation of uint8 batches on their device; its draws repeat for a restarted epoch."""
+    augment = Augment(**{**p.augment, "crop_scale": tuple(p.augment["crop_scale"])})
+    generator = torch.Generator().manual_seed(p.seed * 1_000_003 + epoch * 1_009 + rank)
+    return lambda images: augment_images(images, p.input_size, augment, generator)
 
 
 def train_batches(shard: Any, p: TrainParams, epoch: int) -> Any:
@@ -323,8 +337,9 @@ def train_part(p: TrainParams, part: dict[str, Any], saved: dict[str, Any] | Non
         t0 = time.perf_counter()
         batches = train_batches(train_shard, p, epoch)
         train = run_epoch(
-            model, batches, device, optimizer, on_batch=lambda i, e=epoch: _maybe_die(p, state, e, i)
-        )
+            model, batches, device, optimizer, on_batch=lambda i, e=epoch: _maybe_die(p, state, e, i),
+            transform=augmenter(p, epoch, rank),
+        )  # fmt: skip
         t1 = time.perf_counter()
         val = run_epoch(model, val_shard.iter_torch_batches(batch_size=p.batch_size), device, None)
         t2 = time.perf_counter()

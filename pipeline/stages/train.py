@@ -143,7 +143,7 @@ class DatasetCache:
     """The Ray Datasets of several trainings, built before any of them starts.
 
     Started while the cluster is idle, the decoding tasks run at once; started between trainings, they
-    wait for the CPUs that the running trainings' augmentation tasks hold (on 2 cores, 40 s and more per
+    wait for the CPUs that the running trainings' data tasks hold (on 2 cores, 40 s and more per
     model). The val set is one dataset per input size, shared by every model that selects on it.
     ``budget`` bounds the bytes the prepared datasets keep decoded in the object store; beyond it, a
     dataset is read afresh by its training, as without the cache.
@@ -211,10 +211,10 @@ def fit_all(
     log.info("%s: %d training(s) at once; data tasks ask for %g CPU (nodes: %s)", stage, at_once, share,
              describe_nodes(nodes))  # fmt: skip
     cache = DatasetCache(cfg, ctx.out, augment, task_cpus=share)
-    prepared = {i: cache.job(*jobs[i]) for i in todo}
+    prepared = {i: (jobs[i][0], cache.job(*jobs[i]), augment_of(cache, jobs[i][0])) for i in todo}
     with ThreadPoolExecutor(max_workers=at_once) as pool:
         done = pool.map(
-            lambda own: fit_member([(jobs[i][0], prepared[i]) for i in own], cfg, ctx, stage),
+            lambda own: fit_member([prepared[i] for i in own], cfg, ctx, stage),
             members.values(),
         )
         for own, own_results in zip(members.values(), list(done), strict=True):
@@ -223,11 +223,12 @@ def fit_all(
 
 
 def fit_member(
-    jobs: list[tuple[Job, dict[str, Any]]], cfg: RunConfig, ctx: RunContext, stage: str = "train"
+    jobs: list[tuple[Job, dict[str, Any], Augment]], cfg: RunConfig, ctx: RunContext, stage: str = "train"
 ) -> list[dict[str, Any]]:
-    """Train one member's jobs (each with its Ray Datasets: train, val, maybe predict) one after
-    another in one Ray Train run, and predict their rows; returns each one's best validation metrics
-    and throughput. The probabilities stay in ``predictions/`` under each model's folder.
+    """Train one member's jobs (each with its Ray Datasets: train, val, maybe predict, and the
+    augmentation its worker applies to the train batches) one after another in one Ray Train run, and
+    predict their rows; returns each one's best validation metrics and throughput. The probabilities
+    stay in ``predictions/`` under each model's folder.
 
     ``stage`` is the stage the models belong to: its completion key marks a model finished, and names
     the Ray Train run and the fault-injection points (other stages, e.g. evaluate, train models too).
@@ -239,19 +240,19 @@ def fit_member(
     t = cfg.train
     key = ctx.keys.get(stage, "")  # the stage's key: its settings and the data it reads
     prefix = "" if stage == "train" else f"{stage}-"
-    names = [start_model_dir(job, ctx.out, key, prefix) for job, _ in jobs]
+    names = [start_model_dir(job, ctx.out, key, prefix) for job, _, _ in jobs]
     # One name per dataset object: the val set is shared by the models of one input size.
     datasets: dict[str, Any] = {}
     named: dict[int, str] = {}
     parts = []
-    for n, (job, data) in enumerate(jobs):
+    for n, (job, data, augment) in enumerate(jobs):
         part: dict[str, Any] = {"predict": None}
         for role, ds in data.items():
             if id(ds) not in named:
                 named[id(ds)] = f"{role}-{n}"
                 datasets[named[id(ds)]] = ds
             part[role] = named[id(ds)]
-        params = asdict(job.params)
+        params = {**asdict(job.params), "augment": asdict(augment)}
         params["kill_at_epochs"] = ctx.faults.kill_epochs(f"{stage}:{job.params.member}")
         parts.append({**part, "params": params})
     run_name = names[0] if len(names) == 1 else f"{names[0]}-and-{len(names) - 1}-more"
@@ -263,7 +264,7 @@ def fit_member(
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=gpu,
-            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if gpu else {})},
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if gpu else {})},
         ),
         run_config=TrainRunConfig(
             name=run_name,
@@ -276,7 +277,7 @@ def fit_member(
         dataset_config=DataConfig(datasets_to_split=split),
     )
     trainer.fit()
-    return [job_result(job, key) for job, _ in jobs]
+    return [job_result(job, key) for job, _, _ in jobs]
 
 
 def job_result(job: Job, key: str) -> dict[str, Any]:
@@ -371,7 +372,8 @@ def prediction_rows(job: Job, probs: np.ndarray, classes: list[str]) -> pd.DataF
 def worker_request(cfg: RunConfig, gpu: bool, trainings: int = 1) -> Request:
     """What ``trainings`` trainings at once hold for as long as they run: their Ray Train workers."""
     t = cfg.train
-    return Request("training worker", t.cpus_per_worker, 1.0 if gpu else 0.0, trainings * t.num_workers)
+    return Request("training worker", t.cpus_per_worker, t.gpus_per_worker if gpu else 0.0,
+                   trainings * t.num_workers)  # fmt: skip
 
 
 def data_cpus(cfg: RunConfig, trainings: int, resources: Mapping[str, float] | Sequence[Node],
@@ -391,7 +393,8 @@ def check_room(cfg: RunConfig, resources: Mapping[str, float] | Sequence[Node], 
     if not place(nodes, [workers]).placed:
         raise PlacementError(
             f"train: one training's workers ({workers.text()}: train.num_workers, train.cpus_per_worker"
-            f"{', a GPU each' if gpu else ''}) do not fit on the nodes ({describe_nodes(nodes)}). Lower "
+            f"{', train.gpus_per_worker' if gpu else ''}) do not fit on the nodes ({describe_nodes(nodes)}). "
+            f"Lower "
             f"train.cpus_per_worker or train.num_workers{', or set train.use_gpu: no' if gpu else ''}, or "
             f"add nodes."
         )
@@ -411,18 +414,18 @@ def concurrency(cfg: RunConfig, jobs: int, resources: Mapping[str, float] | Sequ
     if t.concurrent_members:
         if data_cpus(cfg, t.concurrent_members, nodes, gpu) is None:
             held = t.concurrent_members * t.num_workers * t.cpus_per_worker
-            # Every epoch's augmentation tasks need CPUs beside the workers: without them, all the
-            # trainings wait for them forever.
+            # The data tasks (decoding; every epoch for a dataset beyond the cache) need CPUs beside the
+            # workers: without them, all the trainings wait for them forever.
             raise PlacementError(
                 f"train: train.concurrent_members {t.concurrent_members} trainings hold {held:g} CPUs "
-                f"(x train.num_workers x train.cpus_per_worker{', a GPU each' if gpu else ''}) and cannot "
+                f"(x train.num_workers x train.cpus_per_worker{', and GPUs' if gpu else ''}) and cannot "
                 f"be placed with {MIN_TASK_CPUS:g} CPU left on a node for their data tasks (nodes: "
                 f"{describe_nodes(nodes)}). Lower train.concurrent_members, or leave it unset to train as "
                 f"many at once as fit."
             )
         return t.concurrent_members
-    if gpu:
-        slots = sum(n.gpus for n in nodes) // t.num_workers
+    if gpu:  # trainings that share a GPU (gpus_per_worker < 1) fill it together
+        slots = sum(n.gpus for n in nodes) // (t.gpus_per_worker * t.num_workers)
     else:  # training workers get half the CPUs; the data tasks feeding them the other half
         slots = sum(n.cpus for n in nodes) / 2 // (t.cpus_per_worker * t.num_workers)
     at_once = int(max(1, min(jobs, slots)))
