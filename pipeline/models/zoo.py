@@ -28,6 +28,7 @@ from torch import nn
 
 from pipeline import storage
 from pipeline.models import efficientnet_lite, is_weights_file, min_input_size, small_resnet
+from pipeline.models.augment import MEAN, STD
 from pipeline.models.small_cnn import WIDTHS, SmallCNN
 
 
@@ -66,8 +67,6 @@ class InputScale(nn.Module):
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
-        from pipeline.models.data import MEAN, STD  # (lazily: that module imports the data stack)
-
         scale = torch.tensor(STD) / torch.tensor(std)
         shift = (torch.tensor(MEAN) - torch.tensor(mean)) / torch.tensor(std)
         # Not in the state dict: constants of the architecture, not weights.
