@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test chromium lint bench bench-dedupe bench-download bench-train bench-fcn bench-scale lock clean-demo venv
+.PHONY: demo test chromium labelstudio lint bench bench-dedupe bench-download bench-train bench-fcn bench-scale lock clean-demo venv
 
 venv: $(STAMP)
 
@@ -23,7 +23,19 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
-test: $(STAMP) chromium
+# The live annotator test (tests/test_labelstudio_live.py) starts a real Label Studio, pinned, in an
+# environment of its own (its Django and pins are not ours); installed when missing, like Chromium.
+LS_VENV := .venv-labelstudio
+LS_STAMP := $(LS_VENV)/.installed-stamp
+labelstudio: $(LS_STAMP)
+
+$(LS_STAMP): infra/labelstudio-constraints.txt
+	@test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install --quiet -c infra/labelstudio-constraints.txt label-studio 2>&1 | grep -v '^WARNING: Location' || true
+	$(LS_VENV)/bin/python -c "import label_studio"
+	@touch $(LS_STAMP)
+
+test: $(STAMP) chromium $(LS_STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -161,6 +161,8 @@ def _print_crop(report: Any, cfg: RunConfig) -> None:
         print(f"for annotators: {folder}/{export.BLACKLIST_TASKS} (Label Studio, with {export.CONFIG}), "
               f"{folder}/{export.BLACKLIST_CSV}; answers back with: cropclean verdicts import FILE "
               f"--out {cfg.out}")  # fmt: skip
+        if written.get("reviewed"):
+            print(f"  {written['reviewed']} blacklisted images left out: they already have a verdict")
 
 
 def _print_evaluation(cfg: RunConfig) -> None:
@@ -256,7 +258,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import json
 
     from pipeline import storage
-    from pipeline.annotate.export import write_blacklist_export
+    from pipeline.annotate.export import local_files_prefix, write_blacklist_export
 
     needed = [
         storage.join(args.out, "manifests", "blacklist.parquet"),
@@ -267,8 +269,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"cropclean export: {args.out} has no {', '.join(missing)}; run cropclean crop first",
               file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
+    prefix = args.image_prefix
+    if args.document_root is not None:
+        try:
+            prefix = local_files_prefix(args.out, args.document_root)
+        except ValueError as exc:
+            print(f"cropclean export: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     classes = json.loads(storage.read_text(needed[1]))
-    written = write_blacklist_export(args.out, classes, args.image_prefix, force=args.force)
+    written = write_blacklist_export(args.out, classes, prefix, force=args.force)
     for line in written["warnings"]:
         print(f"warning: {line}", file=sys.stderr)
     if written["refused"]:
@@ -277,14 +286,35 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"{written['rows']} blacklisted images for annotators:")
     for uri in written["files"].values():
         print(f"  {uri}")
+    if written["reviewed"]:
+        print(f"{written['reviewed']} blacklisted images left out: they already have a verdict "
+              f"({args.out}/manifests/overrides.parquet)")  # fmt: skip
     return EXIT_OK
 
 
 def cmd_verdicts_import(args: argparse.Namespace) -> int:
+    import os
+
+    from pipeline.annotate.labelstudio import LabelStudioError, user_emails
+    from pipeline.annotate.review import format_review
     from pipeline.annotate.verdicts import VerdictError, import_verdicts, overrides_uri
 
+    users = None
+    if args.labelstudio_url:
+        token = args.labelstudio_token or os.environ.get("LABEL_STUDIO_API_KEY", "")
+        if not token:
+            print("cropclean verdicts import: --labelstudio-url needs a token: --labelstudio-token or "
+                  "LABEL_STUDIO_API_KEY (Label Studio: Account & Settings, Personal Access Token)",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_USAGE
+        try:
+            users = user_emails(args.labelstudio_url, token)
+        except LabelStudioError as exc:
+            print(f"cropclean verdicts import: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     try:
-        done = import_verdicts(args.file, args.out, replace=args.replace)
+        done = import_verdicts(args.file, args.out, replace=args.replace, users=users,
+                               target_precision=args.precision)  # fmt: skip
     except VerdictError as exc:  # a bad file or run folder: one line (several when rows are named)
         print(f"cropclean verdicts import: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -293,11 +323,13 @@ def cmd_verdicts_import(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     counts = done.overrides["verdict"].value_counts().to_dict()
     summary = ", ".join(f"{counts.get(v, 0)} {v}" for v in ("keep", "relabel", "drop"))
-    print(f"imported {done.added} verdicts from {args.file}"
-          + (f" ({done.unanswered} rows without a verdict left out)" if done.unanswered else ""))  # fmt: skip
+    open_rows = f"{done.unanswered} {'row' if done.unanswered == 1 else 'rows'} without a verdict left out"
+    print(f"imported {done.added} verdicts from {args.file} (read as {done.kind})"
+          + (f"; {open_rows}" if done.unanswered else ""))  # fmt: skip
     print(f"{overrides_uri(args.out)}: {summary}")
+    print(format_review(done.precision or {}))
     print(f"the next run on {args.out} applies them (cropclean clean ... --out {args.out}, or cropclean crop "
-          f"{args.out})")  # fmt: skip
+          f"{args.out}); cropclean report {args.out} shows the precision")  # fmt: skip
     return EXIT_OK
 
 
@@ -472,7 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
                    f"document root); e.g. http://host:8000/ for a served run folder")  # fmt: skip
     p = command(sub, "export", help="write a cropped run's annotator files again (OUT/export/)")
     p.add_argument("out", help="output URI of a cropped run")
-    p.add_argument("--image-prefix", default=DEFAULT_IMAGE_PREFIX, help=prefix_help)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--image-prefix", default=DEFAULT_IMAGE_PREFIX, help=prefix_help)
+    where.add_argument("--document-root", metavar="DIR",
+                       help="Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, a folder at or above "
+                       "OUT: the image URLs become its local-files URLs (docs/annotators.md)")  # fmt: skip
     p.add_argument("--force", action="store_true",
                    help="write the files even for a blacklist the weak-ensemble gate withheld, and every row "
                    "of one longer than the run's estimated number of wrong labels")  # fmt: skip
@@ -480,10 +516,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "verdicts", help="annotators' verdicts on the blacklist")
     verbs = p.add_subparsers(dest="verdicts_command", required=True)
-    v = command(verbs, "import", help="read a verdict CSV or Label Studio JSON export into OUT's overrides")
-    v.add_argument("file", help="CSV (image_id, verdict keep|relabel|drop, new_label) or Label Studio export")
+    v = command(verbs, "import", help="read a verdict CSV or a Label Studio export into OUT's overrides")
+    v.add_argument("file", help="CSV or TSV (image_id, verdict keep|relabel|drop, new_label), or Label "
+                   "Studio's JSON, JSON-MIN, CSV or TSV export")  # fmt: skip
     v.add_argument("--out", required=True, help="output URI of the run the verdicts are about")
     v.add_argument("--replace", action="store_true", help="forget the run's earlier verdicts")
+    v.add_argument("--labelstudio-url", metavar="URL",
+                   help="Label Studio's address: annotators are stored by email, not user id")  # fmt: skip
+    v.add_argument("--labelstudio-token", metavar="TOKEN",
+                   help="its access token (default: $LABEL_STUDIO_API_KEY)")  # fmt: skip
+    v.add_argument("--precision", type=_threshold, default=0.9,
+                   help="the blacklist precision whose score threshold is reported (0.9)")  # fmt: skip
     v.set_defaults(func=cmd_verdicts_import)
 
     p = command(sub, "predict", help="pre-label unlabelled images with a trained run's ensemble")

@@ -165,6 +165,14 @@ class DedupeConfig(_Section):
         8, ge=1, description="Bucket partitions (groupby shards); also the unit of resume."
     )
     keep: Literal["largest", "first"] = Field("largest", description="Which member of a group stays.")
+    verify: bool = Field(
+        True, description="Confirm every pHash candidate pair on the two normalized images before it "
+        "groups them (see docs/dedupe.md); false: pHash alone.",
+    )  # fmt: skip
+    verify_max_diff: float = Field(
+        0.35, ge=0, description="verify: the most that two images may differ where they differ most "
+        "(aligned 48 px thumbnails, in units of the image's contrast) to be duplicates.",
+    )  # fmt: skip
 
 
 class SplitConfig(_Section):

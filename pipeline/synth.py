@@ -4,9 +4,10 @@ Each image shows one class-specific object (a shape filled with a texture in a c
 cluttered background, so a classifier that sees the whole image does clearly worse than one that sees
 the object. With ``backgrounds="real"`` the background is a crop of a photograph bundled with
 scikit-learn or scikit-image instead (:mod:`pipeline.photos`), with decoys on it. On top of the clean
-images the generator injects label flips, exact and near duplicates and hostile files (wrong formats,
-truncated, tiny, bombs, odd colour modes, EXIF rotation), and writes a ``ground_truth.parquet`` saying
-what each file is and what a correct validator should make of it.
+images the generator injects label flips, exact and near duplicates, hard negatives (another object on
+the same background: distinct images that a perceptual hash confuses) and hostile files (wrong
+formats, truncated, tiny, bombs, odd colour modes, EXIF rotation), and writes a
+``ground_truth.parquet`` saying what each file is and what a correct validator should make of it.
 
 Layout under the root::
 
@@ -33,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageChops, ImageDraw, ImageEnhance, ImageFilter
 
-GROUND_TRUTH_VERSION = "1"
+GROUND_TRUTH_VERSION = "2"  # 2: kind hard_negative and column background_of
 GROUND_TRUTH_VERSION_KEY = "cropclean.ground_truth_version"
 
 FOODS = (
@@ -79,6 +80,12 @@ EXPECTED = {
 }
 DUPLICATE_RATE = 0.03
 NEAR_VARIANTS = ("resized", "recompressed", "cropped", "brightness")
+# Hard negatives: distinct images that share a scene with a clean image (another object on the same
+# background, or on a heavily overlapping crop of it), as web photos of different dishes on one table
+# do. They are not duplicates; a perceptual hash that mostly sees the background pairs them anyway.
+HARD_NEGATIVE_RATE = 0.03
+HARD_NEGATIVE_VARIANTS = ("same_background", "overlapping_crop")
+OVERLAP_CROP = (0.80, 0.92)  # side of the shifted background crop, as a share of the original's
 BOMB_SIDE = 14000  # 196 Mpx: over the pipeline's default limit (50 Mpx) and over twice Pillow's own
 JPEG_QUALITY = 90
 # Objects: side as a share of the image's short side; texture cycles per half side. Decoys (objects that
@@ -129,6 +136,7 @@ class _Item:
     size: tuple[int, int] | None = None
     duplicate_of: _Item | None = None
     variant: str | None = None
+    background_of: _Item | None = None  # hard negatives: the image whose background this one shares
     data: bytes = b""
 
 
@@ -354,6 +362,67 @@ def _decoys(rng: np.random.Generator, canvas: Image.Image, styles: list[ClassSty
 _QUARTER_COVERED = [255 if a >= 64 else 0 for a in range(256)]
 
 
+def _canvas(
+    rng: np.random.Generator,
+    w: int,
+    h: int,
+    styles: list[ClassStyle],
+    clutter: float = 1.0,
+    photos: Photos | None = None,
+) -> Image.Image:
+    """The background of an image: generated clutter, or a crop of one of `photos` with decoys."""
+    if photos is None:
+        return _background(rng, w, h, styles, clutter)
+    from pipeline.photos import background
+
+    canvas, _ = background(rng, w, h, photos)
+    _decoys(rng, canvas, styles, clutter)
+    return canvas
+
+
+def _draw_object(
+    rng: np.random.Generator,
+    canvas: Image.Image,
+    style: ClassStyle | None,
+    object_scale: tuple[float, float] = OBJECT_SCALE,
+    avoid: tuple[int, int, int, int] | None = None,
+) -> tuple[Image.Image, tuple[int, int, int, int] | None]:
+    """Paste one object of `style` (or none) on `canvas`, add sensor noise; the image and the box.
+
+    With `avoid`, the object's square is placed so that it overlaps that box by at most a third of
+    the smaller of the two (a few draws, then the best one): two objects on one background then differ
+    where a viewer looks, not only in their texture's phase."""
+    w, h = canvas.size
+    box = None
+    if style is not None:
+        side = max(4, int(rng.uniform(*object_scale) * min(w, h)))
+        x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        if avoid is not None:
+            best = (_overlap((x, y, x + side, y + side), avoid), x, y)
+            for _ in range(12):
+                if best[0] <= 1 / 3:
+                    break
+                x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+                best = min(best, (_overlap((x, y, x + side, y + side), avoid), x, y))
+            _, x, y = best
+        alpha = _paste_textured(rng, canvas, style, side, (x, y), OBJECT_FREQ, 18)
+        # The box covers the pixels at least a quarter covered by the object.
+        bx0, by0, bx1, by1 = alpha.point(_QUARTER_COVERED).getbbox()  # type: ignore[misc]
+        pad = (alpha.width - side) // 2
+        box = (max(0, x - pad + bx0), max(0, y - pad + by0), min(w, x - pad + bx1), min(h, y - pad + by1))
+    # Sensor-like luminance noise in [-6, 6], added with clipping.
+    noise = Image.fromarray(rng.integers(0, 13, size=(h, w), dtype=np.uint8), "L").convert("RGB")
+    return ImageChops.add(canvas, noise, 1.0, -6), box
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Intersection area over the smaller box's area."""
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return iw * ih / max(1, smaller)
+
+
 def _render(
     rng: np.random.Generator,
     style: ClassStyle | None,
@@ -368,25 +437,8 @@ def _render(
 
     The background is generated, or with `photos` a crop of one of them with decoys (their count scaled
     by ``clutter``) on top; the object's side is drawn from `object_scale` times the short side."""
-    if photos is None:
-        canvas = _background(rng, w, h, styles, clutter)
-    else:
-        from pipeline.photos import background
-
-        canvas, _ = background(rng, w, h, photos)
-        _decoys(rng, canvas, styles, clutter)
-    box = None
-    if style is not None:
-        side = max(4, int(rng.uniform(*object_scale) * min(w, h)))
-        x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
-        alpha = _paste_textured(rng, canvas, style, side, (x, y), OBJECT_FREQ, 18)
-        # The box covers the pixels at least a quarter covered by the object.
-        bx0, by0, bx1, by1 = alpha.point(_QUARTER_COVERED).getbbox()  # type: ignore[misc]
-        pad = (alpha.width - side) // 2
-        box = (max(0, x - pad + bx0), max(0, y - pad + by0), min(w, x - pad + bx1), min(h, y - pad + by1))
-    # Sensor-like luminance noise in [-6, 6], added with clipping.
-    noise = Image.fromarray(rng.integers(0, 13, size=(h, w), dtype=np.uint8), "L").convert("RGB")
-    return ImageChops.add(canvas, noise, 1.0, -6), box
+    canvas = _canvas(rng, w, h, styles, clutter, photos)
+    return _draw_object(rng, canvas, style, object_scale)
 
 
 def _size(rng: np.random.Generator, short: int) -> tuple[int, int]:
@@ -647,6 +699,77 @@ def _plan_duplicates(
     return dups
 
 
+def _plan_hard_negatives(
+    rng: np.random.Generator, items: list[_Item], names: list[str], rate: float, test_fraction: float
+) -> list[_Item]:
+    """Siblings of distinct clean images: another object (the same class or another) on the same
+    background or on a heavily overlapping crop of it, filed under the class drawn."""
+    clean = [it for it in items if it.kind == "clean"]
+    base = sum(it.kind in ("clean", "label_flip") for it in items)
+    if rate <= 0 or not clean:
+        return []
+    # At least one of each variant with an object of the same class and of another class.
+    n = min(len(clean), _count(base, rate, 2 * len(HARD_NEGATIVE_VARIANTS)))
+    out = []
+    for i, j in enumerate(rng.choice(len(clean), size=n, replace=False)):
+        orig = clean[int(j)]
+        assert orig.drawn is not None
+        drawn = orig.drawn
+        variant = HARD_NEGATIVE_VARIANTS[i % len(HARD_NEGATIVE_VARIANTS)]
+        if len(names) > 1 and (i // len(HARD_NEGATIVE_VARIANTS)) % 2 == 1:
+            drawn = [c for c in names if c != orig.drawn][int(rng.integers(len(names) - 1))]
+        split = "test" if rng.random() < test_fraction else "train"
+        out.append(_Item("hard_negative", drawn, split, drawn, variant=variant, background_of=orig))
+    return out
+
+
+def _hard_negative(
+    rng: np.random.Generator,
+    orig_rng: np.random.Generator,
+    item: _Item,
+    orig_style: ClassStyle,
+    style: ClassStyle,
+    styles: list[ClassStyle],
+    side: int,
+    clutter: float,
+    photos: Photos | None,
+    object_scale: tuple[float, float],
+) -> None:
+    """Render a hard negative: replay the original's draws (``orig_rng`` is the generator the original
+    was drawn with) up to its background, then draw this item's own object with ``rng``."""
+    w, h = _size(orig_rng, side)
+    canvas = _canvas(orig_rng, w, h, styles, clutter, photos)
+    _, orig_box = _draw_object(orig_rng, canvas.copy(), orig_style, object_scale)
+    assert orig_box is not None
+    if item.variant == "overlapping_crop":
+        f = rng.uniform(*OVERLAP_CROP)
+        cw, ch = w * f, h * f
+        x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+        canvas = canvas.resize((w, h), Image.Resampling.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
+        bx0, by0, bx1, by1 = orig_box
+        orig_box = (int((bx0 - x0) / f), int((by0 - y0) / f), int((bx1 - x0) / f), int((by1 - y0) / f))
+    # Another object of the same class keeps off the original's place (else it would be a copy).
+    avoid = orig_box if style == orig_style else None
+    img, item.box = _draw_object(rng, canvas, style, object_scale, avoid=avoid)
+    item.size, item.data = (w, h), _jpeg(img)
+
+
+def _assign_more_ids(rng: np.random.Generator, items: list[_Item], extra: list[_Item]) -> None:
+    """Ids for ``extra`` of the same width as those of ``items``, unused by them."""
+    if not extra:
+        return
+    digits = len(items[0].key.rsplit("/", 1)[1]) - len(".jpg")
+    taken = {int(it.key.rsplit("/", 1)[1][: -len(".jpg")]) for it in items}
+    free: list[int] = []
+    while len(free) < len(extra):
+        for i in rng.integers(0, 10**digits, size=2 * len(extra)).tolist():
+            if i not in taken and len(free) < len(extra):
+                taken.add(i)
+                free.append(i)
+    for item, i in zip(extra, free, strict=True):
+        item.key = f"images/{item.folder}/{i:0{digits}d}.jpg"
+
+
 def _assign_ids(rng: np.random.Generator, items: list[_Item]) -> None:
     """Unique random ids across the dataset, as in Food-101 (which never groups ids by class)."""
     digits = max(6, len(str(len(items) * 10)))
@@ -674,6 +797,7 @@ GROUND_TRUTH_SCHEMA = pa.schema(
         ("kind", pa.string()),
         ("duplicate_of", pa.string()),
         ("variant", pa.string()),
+        ("background_of", pa.string()),
         ("cross_label", pa.bool_()),
         ("cross_split", pa.bool_()),
         ("expected_status", pa.string()),
@@ -702,6 +826,7 @@ def _ground_truth(items: list[_Item]) -> pa.Table:
                 "kind": it.kind,
                 "duplicate_of": orig.key if orig else None,
                 "variant": it.variant,
+                "background_of": it.background_of.key if it.background_of else None,
                 "cross_label": bool(orig and orig.folder != it.folder),
                 "cross_split": bool(orig and orig.split != it.split),
                 "expected_status": status,
@@ -727,6 +852,7 @@ def synthesize(
     clutter: float = 1.0,
     backgrounds: str = "synthetic",
     object_scale: tuple[float, float] | None = None,
+    hard_negatives: float = HARD_NEGATIVE_RATE,
 ) -> SynthSummary:
     """Write a Food-101-layout dataset with injected problems and its ground truth under `out`.
 
@@ -739,6 +865,12 @@ def synthesize(
     scikit-image (see `pipeline.photos`; ConfigError when scikit-image is missing) and scales only the
     decoys on it by ``clutter``. ``object_scale`` is the range of the object's side as a share of the
     image's short side: by default OBJECT_SCALE on generated backgrounds, OBJECT_SCALE_REAL on photos.
+
+    ``hard_negatives`` is the share of the base images that get a sibling of kind ``hard_negative``:
+    another object (half of the time of the same class) on the same background, or on a heavily
+    overlapping crop of it (at least four when the share is above 0, one of each kind; 0 writes none).
+    Siblings are distinct images (``duplicate_of`` is null; ``background_of`` names the image whose
+    background they share) with correct labels.
     """
     if classes < 1 or per_class < 1:
         raise ValueError("classes and per_class must be at least 1")
@@ -746,6 +878,8 @@ def synthesize(
         raise ValueError("noise and test_fraction must lie in [0, 1]")
     if clutter < 0:
         raise ValueError("clutter must be >= 0")
+    if not 0 <= hard_negatives <= 1:
+        raise ValueError("hard_negatives must lie in [0, 1]")
     if backgrounds not in BACKGROUNDS:
         raise ValueError(f"backgrounds must be one of {', '.join(BACKGROUNDS)}")
     photos: Photos | None = None
@@ -763,6 +897,13 @@ def synthesize(
     plan_rng = np.random.default_rng([seed, 0])
     items = _plan(plan_rng, names, per_class, noise, test_fraction)
     _assign_ids(plan_rng, items)
+    # Hard negatives come from a generator of their own and go last, so that every other file keeps
+    # its id and bytes whatever their rate.
+    extra_rng = np.random.default_rng([seed, 2])
+    extra = _plan_hard_negatives(extra_rng, items, names, hard_negatives, test_fraction)
+    _assign_more_ids(extra_rng, items, extra)
+    items += extra
+    position = {id(it): n for n, it in enumerate(items)}
 
     # Each file draws from its own generator, keyed by its position, so files do not depend on the
     # rendering order and can be rendered in parallel; duplicates wait for their originals.
@@ -775,6 +916,21 @@ def synthesize(
             item.data, item.box, item.size = orig.data, orig.box, orig.size
         elif item.kind == "near_duplicate":
             _near_duplicate(rng, item)
+        elif item.kind == "hard_negative":
+            orig = item.background_of
+            assert orig is not None and orig.drawn is not None and item.drawn is not None
+            _hard_negative(
+                rng,
+                np.random.default_rng([seed, 1, position[id(orig)]]),
+                item,
+                styles[orig.drawn],
+                styles[item.drawn],
+                style_list,
+                image_side,
+                clutter,
+                photos,
+                object_scale,
+            )
         elif item.kind in ("clean", "label_flip"):
             assert item.drawn is not None
             item.size = _size(rng, image_side)

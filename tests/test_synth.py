@@ -10,6 +10,7 @@ from pathlib import Path
 
 import fsspec
 import imagehash
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -18,7 +19,14 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from pipeline import synth
 from pipeline.synth import SynthSummary, synthesize
 
-ALL_KINDS = {"clean", "label_flip", "exact_duplicate", "near_duplicate", *synth.HOSTILE_KINDS}
+ALL_KINDS = {
+    "clean",
+    "label_flip",
+    "exact_duplicate",
+    "near_duplicate",
+    "hard_negative",
+    *synth.HOSTILE_KINDS,
+}
 PILLOW_DEFAULT_LIMIT = 89_478_485
 
 
@@ -68,7 +76,7 @@ def test_layout_and_meta_files_cover_every_image_once(dataset):
 def test_ground_truth_schema(dataset):
     root, _, _ = dataset
     table = pq.read_table(root / "ground_truth.parquet")
-    assert table.schema.metadata[b"cropclean.ground_truth_version"] == b"1"
+    assert table.schema.metadata[b"cropclean.ground_truth_version"] == b"2"
     types = {f.name: f.type for f in table.schema}
     assert types["source_key"] == pa.string() and types["cross_label"] == pa.bool_()
     for col in ("x0", "y0", "x1", "y1", "width", "height"):
@@ -242,3 +250,48 @@ def test_class_styles_are_distinct_combinations():
     assert max(Counter(s.shape for s in styles).values()) > 1
     assert max(Counter(s.texture for s in styles).values()) > 1
     assert synth.class_names(32)[-1] == "class_31"
+
+
+def test_hard_negatives_share_the_background_and_nothing_else(dataset, tmp_path):
+    """Another object on the original's background (or on an overlapping crop of it): a distinct image
+    with a correct label, recorded as such; the rest of the dataset is what it is without them."""
+    root, summary, rows = dataset
+    by_key = {r["source_key"]: r for r in rows}
+    hard = _of_kind(rows, "hard_negative")
+    assert {r["variant"] for r in hard} == set(synth.HARD_NEGATIVE_VARIANTS)
+    assert any(r["given_label"] == by_key[r["background_of"]]["given_label"] for r in hard)
+    assert any(r["given_label"] != by_key[r["background_of"]]["given_label"] for r in hard)
+    for r in hard:
+        orig = by_key[r["background_of"]]
+        assert orig["kind"] == "clean" and r["duplicate_of"] is None and not r["cross_label"]
+        assert r["given_label"] == r["true_label"] and (r["width"], r["height"]) == (
+            orig["width"],
+            orig["height"],
+        )
+        a = np.asarray(Image.open(root / r["source_key"]).convert("RGB"), dtype=np.float32)
+        b = np.asarray(Image.open(root / orig["source_key"]).convert("RGB"), dtype=np.float32)
+        outside = np.ones(a.shape[:2], dtype=bool)
+        for box in (r, orig):
+            outside[box["y0"] : box["y1"], box["x0"] : box["x1"]] = False
+        inside = ~outside
+        gap = np.abs(a - b).mean(axis=2)
+        if r["variant"] == "same_background":  # the same pixels but for the two objects (noise, JPEG)
+            assert gap[outside].mean() < 8 < gap[inside].mean()
+        else:  # a shifted crop of the same scene: different pixels, the same colours
+            assert gap[outside].mean() > 8
+            assert np.abs(a.mean(axis=(0, 1)) - b.mean(axis=(0, 1))).max() < 25
+    assert summary.counts["hard_negative"] == len(hard)
+
+    # Without them every other file is byte for byte the same, under the same name.
+    synthesize(
+        str(tmp_path / "none"), classes=5, per_class=20, noise=0.1, seed=3, image_side=160, hard_negatives=0
+    )
+    without = _files(tmp_path / "none")
+    with_them = _files(root)
+    assert {
+        k: v
+        for k, v in with_them.items()
+        if k.startswith("images/") and k not in {r["source_key"] for r in hard}
+    } == {k: v for k, v in without.items() if k.startswith("images/")}
+    with pytest.raises(ValueError, match="hard_negatives"):
+        synthesize(str(tmp_path / "bad"), classes=2, per_class=2, hard_negatives=2)

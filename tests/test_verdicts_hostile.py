@@ -71,7 +71,6 @@ MALFORMED: dict[str, bytes | str | None] = {
     "verdict-twice.csv": "image_id,verdict,verdict\na1,keep,drop\n",
     "semicolons.csv": "image_id;verdict;new_label\na1;keep;\n",
     "huge-field.csv": HEADER + "a1,keep," + "x" * 200_000 + "\n",
-    "commas.tsv": HEADER + "a1,keep,\n",
     "sheet.xlsx": b"PK\x03\x04",
     "folder.csv": None,
     "empty.json": b"",
@@ -97,6 +96,17 @@ MALFORMED: dict[str, bytes | str | None] = {
     "annotator-list.json": _tasks(_answer(completed_by=[7])),
     "image-id-number.json": "[" + _tasks(_answer())[1:-1] + "," + _tasks(_answer(), image_id=7)[1:-1] + "]",
     "json-min-object.json": json.dumps([{"image_id": "a1", "label": {"choices": ["ramen"]}}]),
+    "json-min-task-object.json": json.dumps([{"id": {"a": 1}, "image_id": "a1", "label": "pho"}]),
+    "json-min-when.json": json.dumps(
+        [{"id": 1, "image_id": "a1", "label": "pho", "annotation_id": 1, "updated_at": "noon"}]
+    ),
+    "json-min-annotation-id.json": json.dumps(
+        [{"id": 1, "image_id": "a1", "label": "pho", "annotation_id": 1.5}]
+    ),
+    # Label Studio's CSV export, with cells a person broke.
+    "ls-annotation-id.csv": "annotation_id,annotator,id,image_id,label,updated_at\nx,1,1,a1,pho,2026-01-01\n",
+    "ls-when.tsv": "annotation_id\tid\timage_id\tlabel\tupdated_at\n1\t1\ta1\tpho\t31/12/2026\n",
+    "ls-unknown-image.csv": "annotation_id,id,image_id,label\n1,1,zz,pho\n",
     # Rows that read well but cannot be applied: one row, one line.
     "relabel-out-of-out.csv": HEADER + "a1,relabel,../x\n",
     "relabel-unknown.csv": HEADER + "a1,relabel,pizza\n",
@@ -152,6 +162,15 @@ def test_tsv_byte_order_marks_and_utf16_are_read(run, tmp_path):
     assert o["verdict"].to_dict() == {"a1": "keep", "b2": "relabel", "c3": "drop", "d4": "relabel",
                                       "g7": "relabel"}  # fmt: skip
     assert o.loc[["b2", "d4", "g7"], "new_label"].tolist() == ["sushi", "ramen", "ramen"]
+    # The header row decides the delimiter, not the name: Label Studio names its TSV download .csv.
+    tabs = tmp_path / "project-1-at-2026-12-01.csv"
+    tabs.write_text("image_id\tverdict\tnew_label\na1\tdrop\t\n")
+    commas = tmp_path / "commas.tsv"
+    commas.write_text("image_id,verdict,new_label\nb2,drop,\n")
+    assert verdicts.import_verdicts(str(tabs), str(run)).kind == "verdict TSV"
+    assert verdicts.import_verdicts(str(commas), str(run)).kind == "verdict CSV"
+    o = read_overrides(str(run)).set_index("image_id")
+    assert o.loc[["a1", "b2"], "verdict"].tolist() == ["drop", "drop"]
 
 
 @pytest.mark.parametrize("text", ["=x", "-x", "+1", "@x", "\tx", "\rx", "\uff1dx", "'q", "''=x", "'",

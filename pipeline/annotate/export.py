@@ -6,12 +6,15 @@ with them. Either file, answered, goes back with ``cropclean verdicts import``.
 What the crop stage knows about the list decides what is sent (``force`` sends the manifest as it is):
 a list the weak-ensemble gate withheld is not sent at all (and files of an earlier export are removed, so
 that none is sent by mistake); rows beyond the number of wrong labels the run estimates are cut; a
-low-confidence list is marked on every task and in the header annotators see."""
+low-confidence list is marked on every task and in the header annotators see. Images that already have a
+verdict (``manifests/overrides.parquet``) are never sent again."""
 
 from __future__ import annotations
 
 import io
 import json
+import posixpath
+import urllib.parse
 from typing import Any
 
 import pandas as pd
@@ -19,9 +22,12 @@ import pandas as pd
 from pipeline import manifests, storage
 from pipeline.annotate import labelstudio
 
-# Label Studio serves local files as /data/local-files/?d=<path under LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT>;
-# with the document root at the run folder, an image's path in the manifests is all the URL needs.
-DEFAULT_IMAGE_PREFIX = "/data/local-files/?d="
+# Label Studio serves local files as /data/local-files/?d=<path under LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT>,
+# to users of a project with a Local files storage whose folder holds the file. With the document root at
+# the run folder (and the storage at OUT/blobs: Label Studio refuses one at the root itself), an image's
+# path in the manifests is all the URL needs.
+LOCAL_FILES_URL = "/data/local-files/?d="
+DEFAULT_IMAGE_PREFIX = LOCAL_FILES_URL
 MODEL_VERSION = "cropclean-ensemble"
 BLACKLIST_TASKS = "blacklist-labelstudio.json"
 BLACKLIST_CSV = "blacklist.csv"
@@ -34,6 +40,21 @@ LOW_CONFIDENCE_NOTE = "LOW CONFIDENCE: a weak ensemble made this list; check eve
 
 def export_dir(out: str) -> str:
     return storage.join(out, "export")
+
+
+def local_files_prefix(out: str, document_root: str) -> str:
+    """The image prefix for a Label Studio whose LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT is
+    ``document_root``, a local folder at or above the run folder ``out``: the local-files URL and the
+    run folder's path under the root. ValueError when ``out`` lies outside it."""
+    from pipeline.config import absolute_local
+
+    run, root = absolute_local(out.rstrip("/")), absolute_local(document_root.rstrip("/") or "/")
+    if "://" in run or "://" in root:
+        raise ValueError("--document-root needs a local run folder and a local document root")
+    relative = posixpath.relpath(run, root)
+    if relative == ".." or relative.startswith("../"):
+        raise ValueError(f"the run folder {run} is not inside the document root {root}")
+    return LOCAL_FILES_URL + ("" if relative == "." else urllib.parse.quote(relative) + "/")
 
 
 def write_json(uri: str, doc: Any) -> None:
@@ -122,19 +143,27 @@ def review(blacklist: pd.DataFrame, force: bool) -> tuple[pd.DataFrame, str | No
     return blacklist, None, warnings
 
 
+def header_text(note: str, given: str, suggested: str | None, evidence: str) -> str:
+    """What annotators read above the image. It is one data field, shown as written: Label Studio reads
+    a full stop after a variable in the config as part of the variable's name."""
+    text = f"{note}Given: {given}. Suggested: {suggested or 'none'}."
+    return f"{text} {evidence}" if evidence else text
+
+
 def blacklist_tasks(blacklist: pd.DataFrame, prefix: str) -> list[dict[str, Any]]:
     """One Label Studio task per blacklisted image, most likely wrong first."""
     tasks = []
     for r in blacklist.to_dict("records"):
         suggested = r.get("suggested_label")
         suggested = None if suggested is None or pd.isna(suggested) else str(suggested)
+        note = LOW_CONFIDENCE_NOTE if r.get("confidence") == LOW_CONFIDENCE else ""
         data = {
             "image": labelstudio.image_url(r["path"], prefix), "image_id": r["image_id"],
             "given_label": r["label"], "suggested_label": suggested or "", "reason": r["reason"],
             "score": _num(r["score"]), "suggested_score": _num(r.get("suggested_score")),
             "evidence": r.get("evidence") or "", "split": r.get("split") or "", "path": r["path"],
-            "confidence": _text(r.get("confidence")),
-            "note": LOW_CONFIDENCE_NOTE if r.get("confidence") == LOW_CONFIDENCE else "",
+            "confidence": _text(r.get("confidence")), "note": note,
+            "header": header_text(note, str(r["label"]), suggested, _text(r.get("evidence"))),
         }  # fmt: skip
         results = [labelstudio.choice_result(suggested)] if suggested else []
         tasks.append(labelstudio.task(data, MODEL_VERSION, data["suggested_score"], results))
@@ -144,10 +173,14 @@ def blacklist_tasks(blacklist: pd.DataFrame, prefix: str) -> list[dict[str, Any]
 def write_blacklist_export(
     out: str, classes: list[str], prefix: str = DEFAULT_IMAGE_PREFIX, force: bool = False
 ) -> dict[str, Any]:
-    """Write the three files from ``manifests/blacklist.parquet`` (:func:`review` decides which rows).
-    Returns the file URIs, the row count, ``refused`` (a withheld list: nothing written, earlier task
-    files removed, ``message`` says why) and ``warnings``."""
+    """Write the three files from ``manifests/blacklist.parquet`` (:func:`review` decides which rows),
+    leaving out images that already have a verdict. Returns the file URIs, the row count, ``reviewed``
+    (images left out for their verdict), ``refused`` (a withheld list: nothing written, earlier task files
+    removed, ``message`` says why) and ``warnings``."""
     blacklist = manifests.read_manifest("blacklist", storage.join(out, "manifests", "blacklist.parquet"))
+    judged = reviewed_ids(out)
+    reviewed = int(blacklist["image_id"].isin(judged).sum())
+    blacklist = blacklist[~blacklist["image_id"].isin(judged)]
     folder = export_dir(out)
     files = {name: storage.join(folder, name) for name in (BLACKLIST_TASKS, BLACKLIST_CSV, CONFIG)}
     rows, refused, warnings = review(blacklist, force)
@@ -157,12 +190,19 @@ def write_blacklist_export(
         why = gate_message(out) or "blacklist withheld: the ensemble is too weak to judge labels"
         message = f"{why} (cropclean export {out} --force writes the annotator files anyway)"
         return {"rows": 0, "files": {}, "refused": refused, "withheld": len(blacklist), "message": message,
-                "warnings": warnings}  # fmt: skip
-    header = "$note Given: $given_label. Suggested: $suggested_label. $evidence"
-    storage.write_text_atomic(files[CONFIG], labelstudio.labeling_config(classes, header))
+                "warnings": warnings, "reviewed": reviewed}  # fmt: skip
+    storage.write_text_atomic(files[CONFIG], labelstudio.labeling_config(classes, "$header"))
     write_json(files[BLACKLIST_TASKS], blacklist_tasks(rows, prefix))
     table = rows.assign(verdict="", new_label="", image=[labelstudio.image_url(p, prefix)
                                                          for p in rows["path"]])  # fmt: skip
     write_csv(files[BLACKLIST_CSV], table.reindex(columns=CSV_COLUMNS))
     return {"rows": len(rows), "files": files, "refused": None, "withheld": 0, "message": "",
-            "warnings": warnings}  # fmt: skip
+            "warnings": warnings, "reviewed": reviewed}  # fmt: skip
+
+
+def reviewed_ids(out: str) -> set[str]:
+    """Images with a verdict of any kind (``manifests/overrides.parquet``): not sent again."""
+    uri = storage.join(out, "manifests", "overrides.parquet")
+    if not storage.exists(uri):
+        return set()
+    return set(manifests.read_manifest("overrides", uri, columns=["image_id"])["image_id"])

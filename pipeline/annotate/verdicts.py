@@ -21,9 +21,10 @@ from datetime import UTC, datetime
 import pandas as pd
 
 from pipeline import manifests, storage
-from pipeline.annotate import export, labelstudio
+from pipeline.annotate import export, labelstudio, review
 from pipeline.names import label_problem
 from pipeline.reasons import Reason, Status
+from pipeline.summary import update_metrics
 
 VERDICTS = ("keep", "relabel", "drop")
 CSV_COLUMNS = ("image_id", "verdict", "new_label")  # the CSV's required columns (new_label: for relabel)
@@ -44,6 +45,8 @@ class Imported:
     overrides: pd.DataFrame  # every verdict of the run, after the import
     added: int  # verdicts in the file
     unanswered: int  # rows without a verdict (not reviewed yet), left out
+    kind: str = ""  # what the file was read as (a verdict CSV, Label Studio's JSON-MIN export, ...)
+    precision: dict | None = None  # the review section written to metrics.json
 
 
 def read_overrides(out: str) -> pd.DataFrame:
@@ -140,13 +143,18 @@ def _decoded(data: bytes, name: str) -> str:
                            f"{line}); save it as UTF-8") from None  # fmt: skip
 
 
-def _csv_rows(text: str, name: str, delimiter: str) -> tuple[list[dict[str, object]], int]:
-    """Verdict rows of a CSV (or, with tabs, a TSV) with a header row. ``image_id`` and ``new_label``
-    cells lose the quote that the export puts before a formula character (``export.spreadsheet_text``),
-    so a class named ``-x`` survives the round trip through a spreadsheet."""
+def _delimiter(text: str) -> str:
+    """Tabs when the header row has one, else commas, whatever the file's name says: Label Studio names
+    its TSV download ``.csv``, and a spreadsheet's "Unicode text" is tab-separated."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    return "\t" if "\t" in first else ","
+
+
+def _records(text: str, name: str, delimiter: str) -> list[tuple[int, list[str]]]:
+    """(first line, cells) of every row with a non-blank cell, the header first."""
     kind = "TSV" if delimiter == "\t" else "CSV"
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    records: list[tuple[int, list[str]]] = []  # (first line, cells), blank lines left out
+    records: list[tuple[int, list[str]]] = []
     line = 1
     try:
         for cells in reader:
@@ -158,24 +166,48 @@ def _csv_rows(text: str, name: str, delimiter: str) -> tuple[list[dict[str, obje
     if not records:
         raise VerdictError(f"{name}: empty; a verdict {kind} starts with a header row "
                            f"({', '.join(CSV_COLUMNS)})")  # fmt: skip
+    return records
+
+
+def _csv_rows(text: str, name: str) -> tuple[list[dict[str, object]], int, str]:
+    """Verdict rows of a CSV or TSV with a header row: a verdict CSV (``image_id``, ``verdict``,
+    ``new_label``), or Label Studio's CSV or TSV export (its rows go as the JSON-MIN export's do).
+    ``image_id`` and ``new_label`` cells of a verdict CSV lose the quote that the export puts before a
+    formula character (``export.spreadsheet_text``), so a class named ``-x`` survives the round trip
+    through a spreadsheet."""
+    delimiter = _delimiter(text)
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    records = _records(text, name, delimiter)
     header = [c.strip() for c in records[0][1]]
+    flat = "verdict" not in header and labelstudio.is_flat_export(header)
     missing = [c for c in CSV_COLUMNS[:2] if c not in header]
-    if missing:
-        hint = f" (a .{kind.lower()} is read with {'tabs' if kind == 'TSV' else 'commas'})"
+    if missing and not flat:
+        hint = f" (the header was read with {'tabs' if kind == 'TSV' else 'commas'})"
         hint = hint if len(header) == 1 and any(c in header[0] for c in ",;\t") else ""
         raise VerdictError(f"{name}: missing columns {missing}{hint}; a verdict {kind} has "
-                           f"{', '.join(CSV_COLUMNS)} (new_label for relabel only); found "
+                           f"{', '.join(CSV_COLUMNS)} (new_label for relabel only), Label Studio's {kind} "
+                           f"export has {labelstudio.CHOICES}, image_id and annotation_id; found "
                            f"{_shown(str(header[:12]), 200)}")  # fmt: skip
-    for column in (*CSV_COLUMNS, "annotator"):
+    named = (*labelstudio.FLAT_KEYS, labelstudio.CHOICES, "image_id", "given_label") if flat else ()
+    for column in (*CSV_COLUMNS, "annotator", *named):
         if header.count(column) > 1:
             raise VerdictError(f"{name}: the header names column {column!r} twice")
     if len(records) == 1:
         raise VerdictError(f"{name}: a header and no rows")
-    at = {c: header.index(c) for c in (*CSV_COLUMNS, "annotator") if c in header}
-    rows, unanswered = [], 0
     for n, cells in records[1:]:
         if any(c.strip() for c in cells[len(header) :]):
             raise VerdictError(f"{name}: line {n} has {len(cells)} cells, the header names {len(header)}")
+    if flat:
+        rows = [(f"line {n}", {h: cells[i].strip() if i < len(cells) else "" for i, h in enumerate(header)})
+                for n, cells in records[1:]]  # fmt: skip
+        try:
+            answers = labelstudio.flat_answers(rows, f"Label Studio's {kind} export")
+        except ValueError as exc:
+            raise VerdictError(f"{name}: {exc}") from None
+        return _answer_rows(answers, name), answers.unanswered, answers.kind
+    at = {c: header.index(c) for c in (*CSV_COLUMNS, "annotator") if c in header}
+    rows, unanswered = [], 0
+    for n, cells in records[1:]:
         cell = {c: cells[i].strip() if i < len(cells) else "" for c, i in at.items()}
         verdict = cell["verdict"].lower()
         if not verdict:
@@ -184,48 +216,46 @@ def _csv_rows(text: str, name: str, delimiter: str) -> tuple[list[dict[str, obje
         rows.append({"where": f"line {n}", "image_id": export.spreadsheet_text(cell["image_id"]),
                      "verdict": verdict, "new_label": export.spreadsheet_text(cell.get("new_label", ""))
                      or None, "annotator": cell.get("annotator") or None})  # fmt: skip
-    return rows, unanswered
+    return rows, unanswered, f"verdict {kind}"
 
 
-def _labelstudio_rows(doc: object, labels: pd.Series, name: str) -> tuple[list[dict[str, object]], int]:
-    """Label Studio answers -> verdicts: the drop choice drops, the given label keeps, another class
-    relabels."""
-    if isinstance(doc, list) and not doc:
-        raise VerdictError(f"{name}: no tasks (an empty list)")
-    try:
-        answers = labelstudio.exported_answers(doc)
-    except ValueError as exc:
-        raise VerdictError(f"{name}: {exc}") from None
+def _answer_rows(answers: labelstudio.Answers, name: str) -> list[dict[str, object]]:
+    """Label Studio answers -> verdict rows: the drop choice drops, the given label keeps, another class
+    relabels (``check_rows`` turns a relabel to the image's own label into a keep)."""
     rows = []
-    for a in answers:
-        image_id = a["data"].get("image_id")
+    for a in answers.answers:
+        image_id = a.data.get("image_id")
         if image_id is not None and not isinstance(image_id, str):
-            raise VerdictError(f"{name}: task {a['row']}: 'image_id' is {labelstudio.json_kind(image_id)}, "
+            raise VerdictError(f"{name}: {a.where}: 'image_id' is {labelstudio.json_kind(image_id)}, "
                                "expected text")  # fmt: skip
-        image_id = image_id or ""
-        given = a["data"].get("given_label")
-        given = given if isinstance(given, str) and given else labels.get(image_id)
-        choice = a["choice"]
+        given = a.data.get("given_label")
+        choice = a.choice
         verdict = "drop" if choice == labelstudio.DROP else "keep" if choice == given else "relabel"
-        rows.append({"where": f"task {a['row']}", "image_id": image_id, "verdict": verdict,
+        rows.append({"where": a.where, "image_id": image_id or "", "verdict": verdict,
                      "new_label": choice if verdict == "relabel" else None,
-                     "annotator": a["annotator"]})  # fmt: skip
-    total = len(doc) if isinstance(doc, list) else 0
-    return rows, total - len(answers)
+                     "annotator": a.annotator})  # fmt: skip
+    return rows
 
 
-def read_verdict_file(uri: str, images: pd.DataFrame) -> tuple[list[dict[str, object]], int]:
-    """Rows ``{where, image_id, verdict, new_label, annotator}`` of a CSV, a TSV or a Label Studio JSON
-    file, and how many rows carry no verdict yet. A file that cannot be read as one raises VerdictError
-    with one line naming the file and the problem; a file over ``MAX_BYTES`` is not read beyond it."""
+@dataclass(frozen=True)
+class VerdictFile:
+    rows: list[dict[str, object]]  # {where, image_id, verdict, new_label, annotator}
+    unanswered: int  # rows (tasks) without a verdict yet
+    kind: str  # what the file was read as, e.g. "Label Studio's JSON-MIN export"
+
+
+def read_verdict_file(uri: str) -> VerdictFile:
+    """The verdict rows of a CSV, a TSV, or a Label Studio export (JSON, JSON-MIN, CSV, TSV), and how
+    many rows carry no verdict yet. A file that cannot be read as one raises VerdictError with one line
+    naming the file and the problem; a file over ``MAX_BYTES`` is not read beyond it."""
     name = _file_name(uri)
     suffix = uri.lower().rsplit(".", 1)[-1] if "." in uri.rsplit("/", 1)[-1] else ""
     if suffix not in ("json", "csv", "tsv"):
-        raise VerdictError(f"{name}: give a .csv or .tsv (image_id, verdict, new_label) or Label Studio's "
-                           ".json export")  # fmt: skip
+        raise VerdictError(f"{name}: give a .csv or .tsv (image_id, verdict, new_label) or a Label Studio "
+                           "export (.json, JSON-MIN, CSV or TSV)")  # fmt: skip
     text = _decoded(_read_capped(uri, name), name)
     if suffix != "json":
-        return _csv_rows(text, name, "\t" if suffix == "tsv" else ",")
+        return VerdictFile(*_csv_rows(text, name))
     if not text.strip():
         raise VerdictError(f"{name}: empty; expected Label Studio's JSON export (a list of tasks)")
     try:
@@ -234,8 +264,14 @@ def read_verdict_file(uri: str, images: pd.DataFrame) -> tuple[list[dict[str, ob
         raise VerdictError(f"{name}: not valid JSON: nested too deeply") from None
     except ValueError as exc:
         raise VerdictError(f"{name}: not valid JSON: {_first_line(exc)}") from None
-    labels = images.drop_duplicates("image_id").set_index("image_id")["label"]
-    return _labelstudio_rows(doc, labels, name)
+    if isinstance(doc, list) and not doc:
+        raise VerdictError(f"{name}: no tasks (an empty list)")
+    try:
+        answers = labelstudio.exported_answers(doc)
+    except ValueError as exc:
+        raise VerdictError(f"{name}: {exc}") from None
+    kind = f"Label Studio's {answers.kind} export"
+    return VerdictFile(_answer_rows(answers, name), answers.unanswered, kind)
 
 
 def check_rows(rows: list[dict[str, object]], images: pd.DataFrame, classes: list[str],
@@ -319,10 +355,29 @@ def _run_manifest(name: str, uri: str) -> pd.DataFrame:
         raise VerdictError(f"{uri}: cannot be read: {_first_line(exc)}") from None
 
 
-def import_verdicts(uri: str, out: str, replace: bool = False) -> Imported:
+def _flags(out: str, old: pd.DataFrame) -> pd.DataFrame:
+    """Per image, the score and reason it was flagged with: the blacklist's rows now, else what an earlier
+    import kept (the next run no longer lists an image that has a verdict)."""
+    columns = ["image_id", "flag_score", "flag_reason"]
+    uri = storage.join(out, "manifests", "blacklist.parquet")
+    found = [old.dropna(subset=["flag_score"])[columns]]
+    if storage.exists(uri):
+        blacklist = _run_manifest("blacklist", uri)
+        found.append(blacklist.rename(columns={"score": "flag_score", "reason": "flag_reason"})[columns])
+    found = [f for f in found if len(f)]
+    if not found:
+        return pd.DataFrame(columns=columns).set_index("image_id")
+    both = pd.concat(found, ignore_index=True)
+    return both.drop_duplicates("image_id", keep="last").set_index("image_id")  # the blacklist's row wins
+
+
+def import_verdicts(uri: str, out: str, replace: bool = False, users: dict[str, str] | None = None,
+                    target_precision: float = review.DEFAULT_TARGET) -> Imported:  # fmt: skip
     """Check the file's verdicts against the run at ``out`` and merge them into its overrides manifest
     (a later verdict on an image replaces an earlier one; ``replace`` drops the earlier ones). All rows
-    are checked before anything is written, and the manifest is written atomically."""
+    are checked before anything is written, and the manifest is written atomically. ``users`` (Label
+    Studio's user id -> email) names annotators by email. The blacklist's human-confirmed precision
+    goes to metrics.json (``review``), for ``target_precision``'s threshold."""
     images_uri = storage.join(out, "manifests", "images.parquet")
     try:
         ingested = storage.exists(images_uri)
@@ -333,16 +388,29 @@ def import_verdicts(uri: str, out: str, replace: bool = False) -> Imported:
     images = _run_manifest("images", images_uri)
     if "relabelled_from" not in images:  # written before verdicts existed
         images["relabelled_from"] = None
-    rows, unanswered = read_verdict_file(uri, images)
-    checked = check_rows(rows, images, run_classes(out, images), _file_name(uri))
+    read = read_verdict_file(uri)
+    checked = check_rows(read.rows, images, run_classes(out, images), _file_name(uri))
+    names = manifests.load_schema("overrides").names
     new = pd.DataFrame(checked, columns=["image_id", "verdict", "new_label", "label", "annotator"])
+    if users:
+        new["annotator"] = new["annotator"].map(lambda a: users.get(a, a) if isinstance(a, str) else a)
     source = uri.rsplit("/", 1)[-1]
     new = new.drop_duplicates("image_id", keep="last").assign(source=source, imported_at=datetime.now(UTC))
     old = _run_manifest("overrides", overrides_uri(out)) if storage.exists(overrides_uri(out)) else None
-    if old is None:
-        old = pd.DataFrame(columns=manifests.load_schema("overrides").names)
+    # A 1.0 manifest has no flag columns: they come back empty.
+    old = (old if old is not None else pd.DataFrame(columns=names)).reindex(columns=names)
+    flags = _flags(out, old)
     old = old.iloc[0:0] if replace else old[~old["image_id"].isin(new["image_id"])]
     merged = pd.concat([df for df in (old, new) if len(df)], ignore_index=True) if len(old) else new
-    merged = merged.sort_values("image_id").reset_index(drop=True)
+    merged = merged.reindex(columns=names).sort_values("image_id").reset_index(drop=True)
+    # Every row without a flag takes it from the blacklist (new rows; rows of a 1.0 manifest).
+    known = merged["flag_score"].notna()
+    score = merged["image_id"].map(flags["flag_score"]).astype(float).round(6)
+    merged["flag_score"] = merged["flag_score"].astype(float).where(known, score)
+    merged["flag_reason"] = (
+        merged["flag_reason"].astype(object).where(known, merged["image_id"].map(flags["flag_reason"]))
+    )
     manifests.write_manifest("overrides", merged, overrides_uri(out))
-    return Imported(merged, len(new), unanswered)
+    precision = review.blacklist_precision(merged, target_precision)
+    update_metrics(out, review.SECTION, precision)
+    return Imported(merged, len(new), read.unanswered, read.kind, precision)

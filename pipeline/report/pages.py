@@ -190,8 +190,34 @@ class PageBuilder:
             "training": self.training_charts(),
             "table4": self.table4(),
             "quality": format_quality(run.metrics.get("evaluation", {}).get("quality") or {}),
+            "review": self.review(),
         }
         return Page(INDEX, "index.html", context)
+
+    def review(self) -> dict[str, Any] | None:
+        """The blacklist's human-confirmed precision (metrics.json ``review``, written by ``cropclean
+        verdicts import``): overall, per reason, per score band, and the threshold for the target."""
+        r = self.run.metrics.get("review") or {}
+        if not r.get("reviewed"):
+            return None
+
+        def row(name: str, c: dict[str, Any]) -> dict[str, Any]:
+            lo, hi = c.get("interval95") or (None, None)
+            return {"name": name, "reviewed": c["reviewed"], "confirmed": c["confirmed"],
+                    "precision": f"{c['precision']:.2f}",
+                    "interval": f"{lo:.2f} to {hi:.2f}" if lo is not None else ""}  # fmt: skip
+
+        t = r.get("threshold")
+        threshold = {**t, "score": f"{t['score']:.3f}", "precision": f"{t['precision']:.2f}"} if t else None
+        return {
+            "overall": row("all reviewed flags", r),
+            "reasons": [row(reason, c) for reason, c in sorted(r.get("per_reason", {}).items())],
+            "bands": [row(f"score {b['low']:.1f} to {b['high']:.1f}", b) for b in r.get("per_band", [])],
+            "target": f"{r.get('target_precision', 0):g}",
+            "threshold": threshold,
+            "verdicts": r.get("verdicts", {}),
+            "unflagged": r.get("unflagged_verdicts", 0),
+        }
 
     def training_charts(self) -> list[str]:
         h = self.run.histories
@@ -342,12 +368,16 @@ class PageBuilder:
                 width = meta["width"] if meta is not None else None
                 height = meta["height"] if meta is not None else None
                 label = meta["label"] if meta is not None else ""
+                # Why it is grouped with the kept image (duplicates 1.1; absent from older manifests).
+                score, by = getattr(r, "verify_score", None), getattr(r, "verified_by", None)
                 members.append(
                     {
                         "image_id": r.image_id,
                         "kept": bool(r.kept),
                         "kind": r.kind,
                         "distance": int(r.distance),
+                        "verify_score": None if score is None or pd.isna(score) else f"{float(score):.2f}",
+                        "verified_by": by if isinstance(by, str) else None,
                         "label": label,
                         "split": meta["split"] if meta is not None else "",
                         "pic": picture(

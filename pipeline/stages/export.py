@@ -1,7 +1,7 @@
 """Stage ``export``: the annotator files under ``OUT/export/`` (``pipeline.annotate.export``), after the
 blacklist. Cheap, so its key is the content of what it reads: it runs again whenever that changes. It
 never forces: a withheld blacklist is left out (its stats say why), a list longer than the run's
-estimated number of wrong labels is cut."""
+estimated number of wrong labels is cut; images that already have a verdict are left out."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ class ExportStage(Stage):
         for name in ("manifests/blacklist.parquet", "models/classes.json"):
             uri = storage.join(cfg.out, name)
             h.update(storage.read_bytes(uri) if storage.exists(uri) else b"-")
+        verdicts = storage.join(cfg.out, "manifests", "overrides.parquet")
+        if storage.exists(verdicts):  # images with a verdict are left out; a run without keeps its key
+            h.update(storage.read_bytes(verdicts))
         return h.hexdigest()[:16]
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
@@ -34,4 +37,4 @@ class ExportStage(Stage):
         # A withheld list is not exported here; `cropclean export OUT --force` does it on purpose.
         return {"rows": written["rows"], "files": sorted(written["files"].values()),
                 "refused": written["refused"], "withheld": written["withheld"], "message": written["message"],
-                "warnings": written["warnings"]}  # fmt: skip
+                "warnings": written["warnings"], "reviewed": written["reviewed"]}  # fmt: skip
