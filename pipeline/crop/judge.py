@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.crop.select import Findings
+import torch
+
+from pipeline.crop.select import BatchFindings, Findings
 
 
 @dataclass(frozen=True)
@@ -46,3 +48,26 @@ def evidence(j: Judgment, label: str, suggested: str, label_scale: float, sugges
         f"{suggested}: {j.suggested_votes}/{j.members} votes, p={j.suggested_score:.2f} "
         f"(scale {suggested_scale:.2f})"
     )
+
+
+@dataclass(frozen=True)
+class BatchJudgment:
+    """``Judgment`` of a batch of images, as (N,) tensors on the findings' device."""
+
+    votes: torch.Tensor  # int64
+    label_score: torch.Tensor  # float64
+    suggested: torch.Tensor  # int64
+    suggested_votes: torch.Tensor
+    suggested_score: torch.Tensor
+    members: int
+
+
+def judge_batch(findings: BatchFindings, labels: torch.Tensor) -> BatchJudgment:
+    """``judge`` of every image of a batch at once: image n's label is ``labels[n]``."""
+    other = findings.best_class(exclude=labels)
+    at = lambda t, c: t.gather(1, c.view(-1, 1))[:, 0]  # noqa: E731
+    return BatchJudgment(
+        votes=at(findings.votes, labels), label_score=at(findings.score, labels), suggested=other,
+        suggested_votes=at(findings.votes, other), suggested_score=at(findings.score, other),
+        members=findings.members,
+    )  # fmt: skip

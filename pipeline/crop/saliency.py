@@ -72,16 +72,26 @@ def _normalized(maps: torch.Tensor) -> torch.Tensor:
     return (maps / peak[:, None, None]).float()
 
 
+def trunk_features(model: Classifier, images: torch.Tensor) -> torch.Tensor:
+    """The trunk's last feature map (N, K, h, w) of ``images``, without a graph: what both localizers
+    weight. The model is put in eval mode and left there."""
+    model.eval()
+    with torch.no_grad():
+        return model.trunk(_as_model_input(model, images))
+
+
 def gradcam(model: Classifier, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Grad-CAM maps (N, h, w), float32 in [0, 1], on the trunk's feature grid, of ``classes`` (N,).
 
     ``images`` are normalized (N, 3, H, W), any side >= the model's input size. The model is put in
     eval mode (batch-norm statistics, no dropout) and left there.
     """
-    model.eval()
-    x = _as_model_input(model, images)
-    with torch.no_grad():
-        features = model.trunk(x)
+    return gradcam_of_features(model, trunk_features(model, images), classes).to(images.device)
+
+
+def gradcam_of_features(model: Classifier, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM maps (N, h, w) from the trunk's features (N, K, h, w) (``trunk_features``): one trunk
+    pass serves every class asked of an image (repeat the features, one row per class)."""
     features = features.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model.head(_pool(features))
@@ -91,7 +101,7 @@ def gradcam(model: Classifier, images: torch.Tensor, classes: torch.Tensor) -> t
     weights = grad.mean(dim=(2, 3))
     with torch.no_grad():
         maps = torch.einsum("nk,nkhw->nhw", weights, features)
-    return _normalized(maps).to(images.device)
+    return _normalized(maps)
 
 
 def channel_ablation_losses(
@@ -169,13 +179,17 @@ def similarnet_map(
     model: Classifier, weights: torch.Tensor, images: torch.Tensor, classes: torch.Tensor
 ) -> torch.Tensor:
     """SIMILARnet maps (N, h, w), float32 in [0, 1]: sum_i weights[class, i] * F_i, ReLU, max-normalized."""
-    model.eval()
-    x = _as_model_input(model, images)
+    return similarnet_of_features(weights, trunk_features(model, images), classes).to(images.device)
+
+
+def similarnet_of_features(
+    weights: torch.Tensor, features: torch.Tensor, classes: torch.Tensor
+) -> torch.Tensor:
+    """SIMILARnet maps (N, h, w) from the trunk's features (N, K, h, w) (``trunk_features``)."""
     with torch.no_grad():
-        features = model.trunk(x)
         per_image = weights.to(device=features.device, dtype=features.dtype)[classes.to(features.device)]
         maps = torch.einsum("nk,nkhw->nhw", per_image, features)
-    return _normalized(maps).to(images.device)
+    return _normalized(maps)
 
 
 def to_image_plane(

@@ -20,6 +20,7 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -32,9 +33,17 @@ from pipeline import manifests, storage
 from pipeline.annotate import verdicts
 from pipeline.config import RunConfig
 from pipeline.crop import confidence, judge, rank, select
-from pipeline.crop.localize import FCNEnsemble, Located, Saliency, load_classifier, whole_image_probs
+from pipeline.crop.localize import (
+    FCNEnsemble,
+    LocatedBatch,
+    Saliency,
+    load_classifier,
+    saliency_heats,
+    whole_image_probs_batch,
+)
 from pipeline.evaluation.quality import mean_probabilities
 from pipeline.models.data import load_rgb, normalize, training_rows
+from pipeline.models.zoo import Classifier
 from pipeline.names import UnsafeName, safe_id, safe_label, safe_split
 from pipeline.reasons import Reason
 from pipeline.resources import Node, PlacementError, Request, alive_nodes, as_nodes, describe_nodes, fit_count
@@ -78,31 +87,53 @@ class Settings:
 
 
 def _to_tensor(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    """uint8 (H, W, 3) pictures of one size -> normalized (N, 3, H, W) on ``device``: the uint8 pixels
+    travel, the float work happens there."""
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return normalize(x).to(device)
+    return normalize(x.to(device))
+
+
+TARGETS = ("label", "predicted")
+Found = tuple[select.Box, str | None, dict[str, Any]]  # a box, the class searched for, extra columns
 
 
 class CropWorker:
-    """A Ray Data actor: the ensemble in memory; batches of images in, part files out."""
+    """A Ray Data actor: the ensemble in memory; batches of images in, part files out.
 
-    def __init__(self, settings: Settings) -> None:
+    Per batch, images of one size are one group: each ensemble (the full-data members, and each fold's
+    models for the train images they judge) runs once over the group's images it judges or crops, every
+    scale a single forward pass per member; selection, judgments, boxes, the whole-image probabilities
+    and the saliency baselines (one trunk pass per member for both methods and both targets) are tensor
+    ops over the group, on the device the models are on. The host decodes images, turns the results into
+    rows and writes the crops."""
+
+    def __init__(self, settings: Settings, models: Mapping[int | None, list[Classifier]] | None = None,
+                 similarnet: list[torch.Tensor] | None = None) -> None:  # fmt: skip
+        """``models`` (per fold, None for the full data) and ``similarnet`` (the members' filter weights)
+        are read from the run (``settings.out``) unless given."""
         self.s = settings
         torch.set_num_threads(max(1, settings.threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dirs = {None: [model_dir(settings.out, m, None) for m in settings.members]}
-        for k in range(settings.folds):
-            dirs[k] = [model_dir(settings.out, m, k) for m in settings.members]
-        self.models = {k: [load_classifier(d, self.device) for d in ds] for k, ds in dirs.items()}
+        if models is None:
+            dirs = {None: [model_dir(settings.out, m, None) for m in settings.members]}
+            for k in range(settings.folds):
+                dirs[k] = [model_dir(settings.out, m, k) for m in settings.members]
+            models = {k: [load_classifier(d, self.device) for d in ds] for k, ds in dirs.items()}
+        self.models = dict(models)
         self.fcn = {k: FCNEnsemble(ms, settings.step, settings.max_scale, settings.early_stop)
                     for k, ms in self.models.items()}  # fmt: skip
         self.saliency: dict[str, Saliency] = {}
         methods = {settings.method, *settings.baselines}
+        # The saliency maps and whole-image probabilities use the FCNs' trunks (batch norms folded, oneDNN
+        # convolutions: 2x faster on the CPU than the classifiers' own; the same up to rounding).
+        trunks = [f.trunk for f in self.fcn[None].fcns]
         if "gradcam" in methods:
-            self.saliency["gradcam"] = Saliency("gradcam", self.models[None])
+            self.saliency["gradcam"] = Saliency("gradcam", self.models[None], trunks=trunks)
         if "similarnet" in methods:
-            self.saliency["similarnet"] = Saliency(
-                "similarnet", self.models[None], self._similarnet_weights()
-            )
+            weights = similarnet if similarnet is not None else self._similarnet_weights()
+            self.saliency["similarnet"] = Saliency("similarnet", self.models[None], weights, trunks)
+        # Decoding and JPEG encoding release the GIL: an actor with several CPUs (beside a GPU) uses them.
+        self.pool = ThreadPoolExecutor(settings.threads) if settings.threads > 1 else None
 
     def _similarnet_weights(self) -> list[torch.Tensor]:
         from pipeline.crop.saliency import similarnet_weights
@@ -118,115 +149,187 @@ class CropWorker:
             weights.append(similarnet_weights(model, x, labels.to(self.device)))
         return weights
 
+    def _map(self, fn: Any, items: Sequence[Any]) -> list[Any]:
+        return list(self.pool.map(fn, items)) if self.pool else [fn(item) for item in items]
+
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        pictures = [np.asarray(load_rgb(storage.join(self.s.out, p))) for p in batch["path"]]
-        crops: list[dict[str, Any]] = []
-        judged: list[dict[str, Any]] = []
-        folds = batch["fold"].to_numpy()
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, pic in enumerate(pictures):
-            fold = None if pd.isna(folds[i]) else int(folds[i])
-            groups.setdefault((pic.shape[0], pic.shape[1], fold), []).append(i)
-        for (_, _, fold), idx in groups.items():
-            x = _to_tensor([pictures[i] for i in idx], self.device)
-            judge_located = self.fcn[fold].locate(x)
-            crop_key = fold if self.s.crop_models == "folds" else None
-            crop_located = judge_located if crop_key == fold else self.fcn[crop_key].locate(x)
-            whole = whole_image_probs(self.models[crop_key], x) if self.saliency else None
-            for n, i in enumerate(idx):
-                row = batch.iloc[i]
-                judged.append(self._judge(row, judge_located[n]))
-                crops += self._crop_rows(row, pictures[i], crop_located[n], x[n : n + 1],
-                                         None if whole is None else whole[n])  # fmt: skip
+        batch = batch.reset_index(drop=True)
+        pictures = self.decode(batch)
+        crops, judged = self.rows(batch, pictures)
+        exports = [(r.pop("_export"), r) for image_rows in crops for r in image_rows if "_export" in r]
+        written = self._map(lambda e: self._export(batch.iloc[e[0]], pictures[e[0]], e[1]), exports)
+        for (_, r), extra in zip(exports, written, strict=True):
+            r.update(extra)
         part = uuid.uuid4().hex
-        manifests.write_table_atomic(_table(crops), storage.join(self.s.parts_dir, f"crops-{part}.parquet"))
+        manifests.write_table_atomic(_table([r for image_rows in crops for r in image_rows]),
+                                     storage.join(self.s.parts_dir, f"crops-{part}.parquet"))  # fmt: skip
         # The judged part goes last: an image counts as done only once both files exist.
         manifests.write_table_atomic(_table(judged), storage.join(self.s.parts_dir, f"judged-{part}.parquet"))
         return pd.DataFrame({"image_id": batch["image_id"].to_numpy()})
 
-    # ------------------------------------------------------------------------------------ per image
+    def decode(self, batch: pd.DataFrame) -> list[np.ndarray]:
+        """The batch's images, (H, W, 3) uint8."""
+        return self._map(lambda p: np.asarray(load_rgb(storage.join(self.s.out, p))), list(batch["path"]))
 
-    def _judge(self, row: pd.Series, located: Located | None) -> dict[str, Any]:
-        """The FCN's evidence about the image's label; whether it is flagged is decided once every image
+    def rows(self, batch: pd.DataFrame, pictures: list[np.ndarray]) -> tuple[list[list[dict[str, Any]]],
+                                                                           list[dict[str, Any]]]:  # fmt: skip
+        """Per image its crop rows (the one to export holds ``_export``: the picture's index in the batch)
+        and its judgment row, in the order the per-image worker wrote them: images grouped by size and
+        fold, then batch order."""
+        folds = [None if pd.isna(f) else int(f) for f in batch["fold"]]
+        crops: list[list[dict[str, Any]]] = [[] for _ in pictures]
+        judged: list[dict[str, Any]] = [{} for _ in pictures]
+        sizes: dict[tuple[int, int], list[int]] = {}
+        for i, pic in enumerate(pictures):
+            sizes.setdefault(pic.shape[:2], []).append(i)
+        for idx in sizes.values():
+            self._size_group(batch, pictures, folds, idx, crops, judged)
+        order: dict[tuple[Any, ...], list[int]] = {}
+        for i, pic in enumerate(pictures):
+            order.setdefault((*pic.shape[:2], folds[i]), []).append(i)
+        ranked = [i for idx in order.values() for i in idx]
+        return [crops[i] for i in ranked], [judged[i] for i in ranked]
+
+    # ----------------------------------------------------------------------------------- per size group
+
+    def _size_group(self, batch: pd.DataFrame, pictures: list[np.ndarray], folds: list[int | None],
+                    idx: list[int], crops: list[list[dict[str, Any]]],
+                    judged: list[dict[str, Any]]) -> None:  # fmt: skip
+        """Judge and crop the images ``idx`` of one size, filling ``crops[i]`` and ``judged[i]``."""
+        x = _to_tensor([pictures[i] for i in idx], self.device)
+        judge_key = [folds[i] for i in idx]
+        crop_key = [k if self.s.crop_models == "folds" else None for k in judge_key]
+        for key in dict.fromkeys(judge_key + crop_key):  # each ensemble once, over the images it needs
+            mine = [n for n in range(len(idx)) if judge_key[n] == key or crop_key[n] == key]
+            located = self.fcn[key].locate_batch(x if len(mine) == len(idx) else x[mine])
+            judges = [p for p, n in enumerate(mine) if judge_key[n] == key]
+            cropped = [p for p, n in enumerate(mine) if crop_key[n] == key]
+            rows = [batch.iloc[idx[n]] for n in mine]
+            for p, r in zip(judges, self._judge([rows[p] for p in judges], located, judges), strict=True):
+                judged[idx[mine[p]]] = r
+            if cropped:
+                images = x[[mine[p] for p in cropped]] if len(cropped) < len(idx) else x
+                found = self._crop_rows([rows[p] for p in cropped], key, located, cropped, images)
+                for p, image_rows in zip(cropped, found, strict=True):
+                    crops[idx[mine[p]]] = image_rows
+                    for r in image_rows:
+                        if "_export" in r:
+                            r["_export"] = idx[mine[p]]  # the picture the crop is cut from
+
+    def _judge(self, rows: list[pd.Series], located: LocatedBatch | None,
+               positions: list[int]) -> list[dict[str, Any]]:  # fmt: skip
+        """The FCN's evidence about each image's label; whether it is flagged is decided once every image
         is judged (``pipeline/crop/rank.py``)."""
-        base = {"image_id": row["image_id"], "split": row["split"], "label": row["label"],
-                "path": row["path"], "cross_label": bool(row["cross_label"]),
-                "verified": bool(row["verified"])}  # fmt: skip
+        if not rows:
+            return []
+        base = [{"image_id": r["image_id"], "split": r["split"], "label": r["label"], "path": r["path"],
+                 "cross_label": bool(r["cross_label"]), "verified": bool(r["verified"])}
+                for r in rows]  # fmt: skip
         if located is None:
-            return base | {"reason": Reason.TOO_SMALL_FOR_SCALES}
-        f = located.findings
-        j = judge.judge(f, int(row["label_idx"]))
-        names = self.s.classes
-        return base | {
-            "votes": j.votes, "label_score": j.label_score, "suggested_label": names[j.suggested],
-            "suggested_votes": j.suggested_votes, "suggested_score": j.suggested_score,
-            "members": j.members,
-            # Every class's best votes and probability: the ranking compares the label's evidence with
-            # that of the other classes (labels known to be wrong).
-            "class_votes": [int(v) for v in f.votes], "class_scores": [float(v) for v in f.score],
-            "evidence": judge.evidence(j, row["label"], names[j.suggested],
-                                       located.scale_of(int(row["label_idx"])).factor,
-                                       located.scale_of(j.suggested).factor),
-        }  # fmt: skip
+            return [b | {"reason": Reason.TOO_SMALL_FOR_SCALES} for b in base]
+        device = located.findings.votes.device
+        at = torch.tensor(positions, device=device)
+        labels = torch.tensor([int(r["label_idx"]) for r in rows], device=device)
+        f = located.findings.take(at)
+        j = judge.judge_batch(f, labels)
+        label_scale = located.factors(labels, at)
+        suggested_scale = located.factors(j.suggested, at)
+        columns = (j.votes, j.label_score, j.suggested, j.suggested_votes, j.suggested_score)
+        votes, label_score, suggested, s_votes, s_score = (t.tolist() for t in columns)
+        class_votes, class_scores = f.votes.tolist(), f.score.tolist()
+        names, out = self.s.classes, []
+        for n, r in enumerate(rows):
+            one = judge.Judgment(votes[n], label_score[n], suggested[n], s_votes[n], s_score[n], j.members)
+            out.append(base[n] | {
+                "votes": one.votes, "label_score": one.label_score, "suggested_label": names[one.suggested],
+                "suggested_votes": one.suggested_votes, "suggested_score": one.suggested_score,
+                "members": one.members,
+                # Every class's best votes and probability: the ranking compares the label's evidence with
+                # that of the other classes (labels known to be wrong).
+                "class_votes": class_votes[n], "class_scores": class_scores[n],
+                "evidence": judge.evidence(one, r["label"], names[one.suggested], label_scale[n],
+                                           suggested_scale[n]),
+            })  # fmt: skip
+        return out
 
-    def _crop_rows(self, row: pd.Series, picture: np.ndarray, located: Located | None, x: torch.Tensor,
-                   whole: np.ndarray | None) -> list[dict[str, Any]]:  # fmt: skip
+    def _crop_rows(self, rows: list[pd.Series], key: int | None, located: LocatedBatch | None,
+                   positions: list[int], x: torch.Tensor) -> list[list[dict[str, Any]]]:  # fmt: skip
+        """Per image, its crop rows: every method and target, with the display box; the crop to export is
+        marked, and written once the batch's rows are known."""
         s = self.s
-        base = {"image_id": row["image_id"], "split": row["split"], "label": row["label"], "mode": s.mode}
         methods = ["fcn_ensemble", *[m for m in [s.method, *s.baselines] if m != "fcn_ensemble"]]
+        bases = [{"image_id": r["image_id"], "split": r["split"], "label": r["label"], "mode": s.mode}
+                 for r in rows]  # fmt: skip
         if located is None:
-            return [base | {"target": t, "method": m, "reason": Reason.TOO_SMALL_FOR_SCALES}
-                    for m in methods for t in ("label", "predicted")]  # fmt: skip
-        height, width = picture.shape[:2]
-        label = int(row["label_idx"])
-        fcn_class = {"label": label, "predicted": located.findings.best_class()}
-        fcn_box = {t: located.box(c, s.mode) for t, c in fcn_class.items()}
-        rows = []
-        for method in methods:
-            for target in ("label", "predicted"):
-                box, searched, extra = self._locate(
-                    method, target, located, fcn_class, fcn_box, label, x, whole
-                )
-                r = base | {"target": target, "method": method, "searched": searched, **extra}
-                r.update(zip(("x0", "y0", "x1", "y1"), box, strict=True))
-                if s.display_aspect:
-                    d = select.display_box(box, width, height, s.display_aspect, s.display_min_area)
-                    r.update(zip(("display_x0", "display_y0", "display_x1", "display_y1"), d, strict=True))
-                if method == s.method and target == "label":
-                    r.update(self._export(row, picture, box))
-                rows.append(r)
-        return rows
-
-    def _locate(self, method: str, target: str, located: Located, fcn_class: dict[str, int],
-                fcn_box: dict[str, select.Box], label: int, x: torch.Tensor,
-                whole: np.ndarray | None) -> tuple[select.Box, str | None, dict[str, Any]]:  # fmt: skip
-        names, f = self.s.classes, located.findings
+            return [[b | {"target": t, "method": m, "reason": Reason.TOO_SMALL_FOR_SCALES}
+                     for m in methods for t in TARGETS] for b in bases]  # fmt: skip
         height, width = x.shape[-2:]
-        if method == "fcn_ensemble":
-            c = fcn_class[target]
-            extra = {"scale": located.scale_of(c).factor, "votes": int(f.votes[c]), "members": f.members,
-                     "score": float(f.score[c])}  # fmt: skip
-            return fcn_box[target], names[c], extra
-        if method == "centre":  # the method's crop size, in the middle: zoom without localization
-            x0, y0, x1, y1 = fcn_box[target]
-            return select.centre_box(max(x1 - x0, y1 - y0), width, height), None, {}
-        assert whole is not None
-        c = label if target == "label" else int(np.argmax(whole))
-        heat = self.saliency[method].heat(x, torch.tensor([c], device=x.device))[0]
-        if self.s.mode == "region":
-            return select.heat_region(heat), names[c], {}
-        box, share = select.heat_window(heat, [sc.side for sc in located.scales])
-        return box, names[c], {"score": share}
+        found = self._locate_all(methods, rows, key, located, positions, x)
+        corners = ("display_x0", "display_y0", "display_x1", "display_y1")
+        out = []
+        for n, base in enumerate(bases):
+            image_rows = []
+            for method in methods:
+                for t, target in enumerate(TARGETS):
+                    box, searched, extra = found[method][t][n]
+                    r = base | {"target": target, "method": method, "searched": searched, **extra}
+                    r.update(zip(("x0", "y0", "x1", "y1"), box, strict=True))
+                    if s.display_aspect:
+                        d = select.display_box(box, width, height, s.display_aspect, s.display_min_area)
+                        r.update(zip(corners, d, strict=True))
+                    if method == s.method and target == "label" and s.export:
+                        r["_export"] = n
+                    image_rows.append(r)
+            out.append(image_rows)
+        return out
 
-    def _export(self, row: pd.Series, picture: np.ndarray, box: select.Box) -> dict[str, Any]:
+    def _locate_all(self, methods: list[str], rows: list[pd.Series], key: int | None, located: LocatedBatch,
+                    positions: list[int], x: torch.Tensor) -> dict[str, list[list[Found]]]:  # fmt: skip
+        """Every method's box for both targets of every image, computed for the whole group at once:
+        per method, per target, per image (box, searched class, extra columns)."""
+        names, mode = self.s.classes, self.s.mode
+        height, width = x.shape[-2:]
+        device = located.findings.votes.device
+        at = torch.tensor(positions, device=device)
+        labels = torch.tensor([int(r["label_idx"]) for r in rows], device=device)
+        f = located.findings.take(at)
+        fcn_class = torch.stack([labels, f.best_class()])  # (2, n): label-driven, label-free
+        boxes = located.boxes(fcn_class.flatten(), mode, at.repeat(2)).view(2, -1, 4).tolist()
+        scale = located.factors(fcn_class.flatten(), at.repeat(2)).reshape(2, -1).tolist()
+        votes, score = (t.gather(1, fcn_class.T).T.tolist() for t in (f.votes, f.score))
+        searched = fcn_class.tolist()
+        fcn = [[(tuple(boxes[t][n]), names[searched[t][n]],
+                 {"scale": scale[t][n], "votes": votes[t][n], "members": f.members, "score": score[t][n]})
+                for n in range(len(rows))] for t in range(2)]  # fmt: skip
+        found = {"fcn_ensemble": fcn}
+        # The method's crop size, in the middle: zoom without localization.
+        found["centre"] = [[(select.centre_box(max(x1 - x0, y1 - y0), width, height), None, {})
+                            for (x0, y0, x1, y1), _, _ in per_target] for per_target in fcn]  # fmt: skip
+        localizers = [self.saliency[m] for m in methods if m in self.saliency]
+        if not localizers:
+            return found
+        whole = whole_image_probs_batch(self.models[key], x, [e.trunk for e in self.fcn[key].fcns])
+        classes = torch.stack([labels, whole.argmax(dim=1).to(device)])  # (2, n)
+        searched = classes.tolist()
+        sides = [sc.side for sc in located.scales]
+        for method, heat in saliency_heats(localizers, x, classes).items():
+            if mode == "region":
+                b, share = select.heat_regions(heat.flatten(0, 1)).view(2, -1, 4).tolist(), None
+            else:
+                b, share = select.heat_windows(heat.flatten(0, 1), sides)
+                b, share = b.view(2, -1, 4).tolist(), share.view(2, -1).tolist()
+            extra = [[{} if share is None else {"score": v} for v in per_target] for per_target in share or b]
+            found[method] = [[(tuple(b[t][n]), names[searched[t][n]], extra[t][n]) for n in range(len(rows))]
+                             for t in range(2)]  # fmt: skip
+        return found
+
+    def _export(self, row: pd.Series, picture: np.ndarray, crop: dict[str, Any]) -> dict[str, Any]:
         """The crop under OUT/cropped/; the stage takes blacklisted images out once the list is known."""
-        if not self.s.export:
-            return {}
         try:
             path = cropped_path(row["split"], row["label"], row["image_id"])
         except UnsafeName as exc:  # a manifest edited by hand: the row says why, nothing is written
             return {"reason": exc.reason}
-        x0, y0, x1, y1 = box
+        x0, y0, x1, y1 = (crop[c] for c in ("x0", "y0", "x1", "y1"))
         buf = io.BytesIO()
         Image.fromarray(picture[y0:y1, x0:x1]).save(buf, format="JPEG", quality=self.s.jpeg_quality)
         storage.write_bytes_atomic(storage.join(self.s.out, path), buf.getvalue())
@@ -304,6 +407,23 @@ def crop_actors(cfg: RunConfig, nodes: Sequence[Node], gpu: bool, stage: str = "
     return c.actors or fit
 
 
+def stage_rows(ctx: RunContext, images: pd.DataFrame, classes: list[str], verified: set[str]) -> pd.DataFrame:
+    """The images the stage judges and crops: ok images with a split, with their class index, whether a
+    copy carries another label, whether a person verified them, and their fold (train images with
+    ``train.folds``; NaN otherwise)."""
+    cfg = ctx.cfg
+    rows = training_rows(images, classes)
+    crossed = cross_label_ids(ctx) - verified
+    ids = rows["image_id"]
+    rows = rows.assign(cross_label=ids.isin(crossed), verified=ids.isin(verified))
+    folds = cfg.train.folds
+    fold = pd.Series(np.nan, index=rows.index)
+    if folds:
+        train = rows["split"] == "train"
+        fold[train] = fold_of(rows.loc[train, "image_id"], folds, cfg.train.seed).astype(float)
+    return rows.assign(fold=fold)
+
+
 class CropStage(Stage):
     name = "crop"
     resources = Resources(cpus=1)
@@ -318,17 +438,8 @@ class CropStage(Stage):
         cfg, start = ctx.cfg, time.perf_counter()
         classes = json.loads(storage.read_text(ctx.uri("models", "classes.json")))
         images = manifests.read_manifest("images", ctx.manifest("images"))
-        rows = training_rows(images, classes)
         verified = verdicts.verified_ids(cfg.out)
-        crossed = cross_label_ids(ctx) - verified
-        ids = rows["image_id"]
-        rows = rows.assign(cross_label=ids.isin(crossed), verified=ids.isin(verified))
-        folds = cfg.train.folds
-        fold = pd.Series(np.nan, index=rows.index)
-        if folds:
-            train = rows["split"] == "train"
-            fold[train] = fold_of(rows.loc[train, "image_id"], folds, cfg.train.seed).astype(float)
-        rows = rows.assign(fold=fold)
+        rows = stage_rows(ctx, images, classes, verified)
 
         key = ctx.keys.get(self.name, "-")
         parts_dir = ctx.shard_dir(self.name)
