@@ -442,7 +442,9 @@ def test_a_low_confidence_blacklist_is_marked_for_annotators(tmp_path):
     tasks = json.loads((out / "export" / export.BLACKLIST_TASKS).read_text())
     assert all(t["data"]["note"] == export.LOW_CONFIDENCE_NOTE for t in tasks)
     assert all(t["data"]["confidence"] == "low_confidence" for t in tasks)
-    assert "$note" in (out / "export" / export.CONFIG).read_text()
+    # Annotators see it first in the task's header, which the labelling config shows.
+    assert all(t["data"]["header"].startswith(export.LOW_CONFIDENCE_NOTE) for t in tasks)
+    assert "$header" in (out / "export" / export.CONFIG).read_text()
     csv = pd.read_csv(out / "export" / export.BLACKLIST_CSV)
     assert (csv["confidence"] == "low_confidence").all()
     ok = export_run(tmp_path, "ok")

@@ -14,13 +14,15 @@ from pipeline import manifests, storage
 from pipeline.manifests import ManifestError, load_schema, read_manifest, write_manifest
 
 ROW = {
-    "image_id": "a1",
+    "image_id": "a2",
     "group_id": "a1",
     "kept_id": "a1",
-    "kind": "exact",
-    "distance": 0,
+    "kind": "near",
+    "distance": 6,
     "cross_label": False,
     "cross_split": False,
+    "verify_score": 0.125,
+    "verified_by": "thumbnail",
 }
 
 
@@ -52,7 +54,7 @@ def test_write_casts_orders_and_records_version(tmp_path):
     df = pd.DataFrame([ROW])[list(reversed(ROW))]  # columns out of order, distance as int64
     write_manifest("duplicates", df, uri)
     meta = pq.read_schema(uri).metadata
-    assert meta[b"cropclean.schema"] == b"duplicates" and meta[b"cropclean.schema_version"] == b"1.0"
+    assert meta[b"cropclean.schema"] == b"duplicates" and meta[b"cropclean.schema_version"] == b"1.1"
     table = pq.read_table(uri)
     assert table.column_names == load_schema("duplicates").names
     assert table.schema.field("distance").type == pa.int32()
@@ -91,7 +93,7 @@ def test_unknown_major_version_is_refused_with_a_clear_message(tmp_path):
 def test_memory_filesystem_round_trip():
     uri = "memory://cropclean-test/run/manifests/duplicates.parquet"
     write_manifest("duplicates", pd.DataFrame([ROW]), uri)
-    assert read_manifest("duplicates", uri)["image_id"].tolist() == ["a1"]
+    assert read_manifest("duplicates", uri)["image_id"].tolist() == ["a2"]
     assert storage.list_files("memory://cropclean-test/run/manifests") == [uri]
 
 

@@ -337,6 +337,7 @@ def test_the_crop_export_writes_nothing_for_a_hand_edited_row(tmp_path):
     worker = object.__new__(CropWorker)  # no ensemble needed to export a crop
     worker.s = SimpleNamespace(out=str(out), export=True, jpeg_quality=90)
     picture = np.zeros((64, 64, 3), dtype=np.uint8)
+    box = {"x0": 0, "y0": 0, "x1": 32, "y1": 32}
     before = files_under(tmp_path)
     hostile = [("train", "../../../escape", GOOD_ID, Reason.BAD_LABEL),
                ("train", "x\ny", GOOD_ID, Reason.BAD_LABEL),
@@ -344,10 +345,10 @@ def test_the_crop_export_writes_nothing_for_a_hand_edited_row(tmp_path):
                ("train", "pho", "../../../../escape", Reason.BAD_IMAGE_ID)]  # fmt: skip
     for split, label, image_id, reason in hostile:
         row = pd.Series({"split": split, "label": label, "image_id": image_id})
-        assert worker._export(row, picture, (0, 0, 32, 32)) == {"reason": reason}
+        assert worker._export(row, picture, box) == {"reason": reason}
     assert files_under(tmp_path) == before
     row = pd.Series({"split": "train", "label": "ramen 🍜", "image_id": GOOD_ID})
-    assert worker._export(row, picture, (0, 0, 32, 32)) == {"path": f"cropped/train/ramen 🍜/{GOOD_ID}.jpg"}
+    assert worker._export(row, picture, box) == {"path": f"cropped/train/ramen 🍜/{GOOD_ID}.jpg"}
     assert set(files_under(tmp_path)) - set(before) == {f"nested/run/cropped/train/ramen 🍜/{GOOD_ID}.jpg"}
 
 
