@@ -167,7 +167,8 @@ class OneDNNConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        direct = x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.enabled
+        onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled  # else: plain conv
+        direct = x.device.type == "cpu" and x.dtype == torch.float32 and onednn
         if direct and not (torch.is_grad_enabled() and (x.requires_grad or c.weight.requires_grad)):
             scalars = list(self.bounds) if self.activation == "hardtanh" else []
             return torch.ops.mkldnn._convolution_pointwise(
