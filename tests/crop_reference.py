@@ -4,8 +4,7 @@
 Copied, not imported: the pyramid (member maps one at a time, aligned in numpy), the selection and the
 boxes (numpy and scipy, one image at a time), Grad-CAM and SIMILARnet (one image and one class per
 call), the whole-image probabilities, and the worker's rows (``reference_rows``: what ``CropWorker``
-wrote per image). Only the FCNs and the classifiers themselves (the fixed weights) are shared.
-The FCNs are rebuilt as they were (``ReferenceFCN``: batch norms folded by torch.fx, plain
+wrote per image). The FCNs are rebuilt as they were (``ReferenceFCN``: batch norms folded by torch.fx, plain
 convolutions); only the classifiers' weights are shared. Not for production use; do not edit except to
 follow a deliberate change of the crop stage's outputs.
 """
