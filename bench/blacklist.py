@@ -18,7 +18,6 @@ table says which features it had.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -28,20 +27,22 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import manifests, storage
+from pipeline import manifests
 from pipeline.config import build_config, load_config_file
 from pipeline.crop import confidence, rank
 from pipeline.evaluation import quality
+from pipeline.layout import RunLayout
 from pipeline.stages.base import RunContext
 from pipeline.stages.crop import duplicate_labels
 from pipeline.summary import read_metrics
 
 
 def load(run: str, truth_file: str | None) -> dict:
-    doc = load_config_file(storage.join(run, "run.yaml"))
+    layout = RunLayout(run)
+    doc = load_config_file(layout.run_config)
     doc["out"] = run
     cfg = build_config(doc)
-    images = manifests.read_manifest("images", storage.join(run, "manifests", "images.parquet"))
+    images = manifests.read_manifest("images", layout.manifest("images"))
     if truth_file:
         source = images["source"].dropna().iloc[0]
         truth = quality.join_ground_truth(images, {source: pd.read_parquet(truth_file)})
@@ -49,11 +50,9 @@ def load(run: str, truth_file: str | None) -> dict:
         truth = quality.load_ground_truth(cfg, images)
     if truth is None:
         raise SystemExit(f"{run}: no ground truth (give --truth DATA/ground_truth.parquet)")
-    judged = pd.read_parquet(storage.join(run, *quality.JUDGMENTS_PATH))
-    predictions = manifests.read_manifest(
-        "predictions", storage.join(run, "manifests", "predictions.parquet")
-    )
-    classes = json.loads(storage.read_text(storage.join(run, "models", "classes.json")))
+    judged = manifests.read_manifest("judgments", layout.judgments)
+    predictions = manifests.read_manifest("predictions", layout.manifest("predictions"))
+    classes = manifests.read_classes(layout.classes)
     return {"cfg": cfg, "images": images, "truth": truth, "judged": judged, "predictions": predictions,
             "classes": classes}  # fmt: skip
 

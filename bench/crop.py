@@ -37,9 +37,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import manifests, storage
+from pipeline.actor_pool import batch_blocks
 from pipeline.config import build_config, load_config_file
+from pipeline.crop.worker import CropWorker, _to_tensor
 from pipeline.stages.base import RunContext
-from pipeline.stages.crop import CropStage, CropWorker, _to_tensor, batch_blocks, stage_rows
+from pipeline.stages.crop import CropStage, stage_rows
 from tests.crop_reference import Reference, ReferenceFCN, reference_rows
 
 BOXES = ["x0", "y0", "x1", "y1", "display_x0", "display_y0", "display_x1", "display_y1"]

@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import neardup  # noqa: E402
 from pipeline.config import RunConfig, build_config  # noqa: E402
-from pipeline.quality import (  # noqa: E402
+from pipeline.evaluation.duplicates import (  # noqa: E402
     duplicate_pair_scores,
     found_duplicate_pairs,
     pairs_from_groups,

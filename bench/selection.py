@@ -27,6 +27,7 @@ from pipeline.config import RunConfig, build_config, load_config_file
 from pipeline.evaluation.classify import with_boxes
 from pipeline.models.augment import Augment, augment_images
 from pipeline.models.data import decode_rows, decoded_size, training_rows
+from pipeline.models.fit import augmentation
 from pipeline.models.train_loop import (
     LoopState,
     TrainParams,
@@ -38,7 +39,6 @@ from pipeline.models.train_loop import (
 )
 from pipeline.models.zoo import build_model
 from pipeline.stages.evaluate import outside_params
-from pipeline.stages.train import augmentation
 
 RULES = ("top1", "loss")
 

@@ -63,22 +63,22 @@ def _check_sources(cfg: RunConfig) -> None:
 
 
 def _run_ingest(cfg: RunConfig) -> int:
-    from pipeline.ingest import run_ingest
-    from pipeline.summary import format_ingest_summary
+    return _run_pipeline(cfg, "ingest")
 
-    _check_sources(cfg)
-    report, summary = run_ingest(cfg)
+
+def _print_stage_notes(report: Any) -> None:
+    """Per stage, the errors it met and the work it left for a later run."""
     if report.skipped:
         print(f"resumed: stages already complete and skipped: {', '.join(report.skipped)}")
-    print(format_ingest_summary(summary, cfg.out))
     for name, result in report.results.items():
-        for error in result.stats.get("errors", []):
+        if name == "export":  # said with the annotator files (_print_crop)
+            continue
+        for error in result.errors:
             print(f"warning: {name}: {error}", file=sys.stderr)
-        if result.stats.get("incomplete"):
-            left = result.stats.get("retry_later", "some")
+        if result.incomplete:
+            left = result.retry_later or "some"
             print(f"note: {name} left {left} items for a later run; run the same command again to continue",
                   file=sys.stderr)  # fmt: skip
-    return EXIT_OK
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -113,8 +113,9 @@ def cmd_crawl(args: argparse.Namespace) -> int:
 def _ingested_config(args: argparse.Namespace, command: str) -> RunConfig | None:
     """The config of the ingested run at ``args.out`` (its run.yaml), with this command's --set applied."""
     from pipeline import storage
+    from pipeline.layout import RunLayout
 
-    run_yaml = storage.join(args.out, "run.yaml")
+    run_yaml = RunLayout(args.out).run_config
     if not storage.exists(run_yaml):
         print(f"cropclean {command}: {args.out} holds no run (no run.yaml); run cropclean ingest first",
               file=sys.stderr)  # fmt: skip
@@ -123,11 +124,12 @@ def _ingested_config(args: argparse.Namespace, command: str) -> RunConfig | None
 
 
 def _print_training(report: Any, cfg: RunConfig) -> None:
-    from pipeline import storage
+    from pipeline.layout import RunLayout
 
+    layout = RunLayout(cfg.out)
     for member, numbers in report.results["train"].stats.get("members", {}).items():
         print(f"{member:24s} val top-1 {numbers['val_top1']:.3f}  top-5 {numbers['val_top5']:.3f}")
-    print(f"models: {storage.join(cfg.out, 'models')}/  predictions: {cfg.out}/manifests/predictions.parquet")
+    print(f"models: {layout.models}/  predictions: {layout.manifest('predictions')}")
 
 
 def _print_crop(report: Any, cfg: RunConfig) -> None:
@@ -151,7 +153,7 @@ def _print_crop(report: Any, cfg: RunConfig) -> None:
         from pipeline.annotate import export
 
         written = report.results["export"].stats
-        for line in written.get("warnings") or []:
+        for line in report.results["export"].errors:
             print(f"warning: export: {line}", file=sys.stderr)
         if written.get("refused"):
             print(f"annotator files not written: the blacklist is withheld (cropclean export {cfg.out} "
@@ -176,46 +178,71 @@ def _print_evaluation(cfg: RunConfig) -> None:
         print(quality)
 
 
-def _stages_through(last: str) -> list[Any]:
-    """The pipeline's stages, ingest first, up to and including ``last`` (train, crop or evaluate)."""
-    from pipeline.ingest import ingest_stages
-    from pipeline.stages.crop import CropStage
-    from pipeline.stages.evaluate import EvaluateStage
-    from pipeline.stages.export import ExportStage
-    from pipeline.stages.train import TrainStage
-
-    later = [TrainStage(), CropStage(), EvaluateStage()]
-    names = [stage.name for stage in later]
-    chosen = [*ingest_stages(), *later[: names.index(last) + 1]]
-    # The annotator files follow the blacklist; last, so that no other stage's key depends on them.
-    return [*chosen, ExportStage()] if last != "train" else chosen
-
-
 def _run_after_ingest(args: argparse.Namespace, last: str) -> int:
-    """``cropclean train|crop|evaluate OUT``: run the stages up to ``last`` on an ingested run."""
-    from pipeline.runner import run_stages
+    """``cropclean train|crop|evaluate OUT``: run the pipeline of that name on an ingested run."""
+    from pipeline.pipelines import run_pipeline
 
     cfg = _ingested_config(args, last)
     if cfg is None:
         return EXIT_USAGE
-    report = run_stages(cfg, _stages_through(last))
+    report = run_pipeline(cfg, last)
     if last == "train":
         _print_training(report, cfg)
     elif last == "crop":
         _print_crop(report, cfg)
     else:
         _print_evaluation(cfg)
+    _print_logs(cfg)
+    return EXIT_OK
+
+
+def _print_logs(cfg: RunConfig) -> None:
+    """Where Ray's own log lines of the run went (they are kept off the console), when this run
+    started Ray and routed them (``runner.ensure_ray``)."""
+    import os
+
+    from pipeline.layout import RunLayout
+    from pipeline.runner import RAY_LOG, ray_session_logs
+
+    log_file = f"{RunLayout(cfg.out).logs}/{RAY_LOG}"
+    if not os.path.exists(log_file):
+        return
+    session = ray_session_logs()
+    workers = f"; its workers' output: {session}" if session else ""
+    print(f"Ray's log: {log_file}{workers}")
+
+
+def _run_pipeline(cfg: RunConfig, name: str) -> int:
+    """Run pipeline ``name`` (``pipeline.pipelines``): the ingest first, with its summary, then the rest
+    with what each part produced, the stages' table and where the logs are."""
+    from pipeline.ingest import run_ingest
+    from pipeline.pipelines import run_pipeline
+    from pipeline.progress import stage_table
+    from pipeline.summary import format_ingest_summary
+
+    _check_sources(cfg)
+    ingested, summary = run_ingest(cfg)
+    print(format_ingest_summary(summary, cfg.out))
+    _print_stage_notes(ingested)
+    if name == "ingest":
+        _print_logs(cfg)
+        return EXIT_OK
+    report = run_pipeline(cfg, name)
+    _print_training(report, cfg)
+    if "crop" in report.results:
+        _print_crop(report, cfg)
+    if "evaluate" in report.results:
+        _print_evaluation(cfg)
+    # The ingest stages ran in the first call; the second only found them complete.
+    print(stage_table({**report.results, **{n: r for n, r in ingested.results.items() if not r.skipped}}))
+    if "report" in report.results:
+        print(f"report: {report.results['report'].stats['index']}")
+    _print_logs(cfg)
     return EXIT_OK
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
     """Everything: ingest, train, crop and blacklist, evaluate, the report."""
-    from pipeline.ingest import run_ingest
-    from pipeline.progress import stage_table
-    from pipeline.runner import run_stages
-    from pipeline.stages.report import ReportStage
-    from pipeline.summary import format_ingest_summary
-
     doc = load_config_file(args.config) if args.config else {}
     if args.source:
         doc["sources"] = [{"uri": args.source, **({"kind": args.kind} if args.kind else {})}]
@@ -225,18 +252,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     if not args.out and not doc.get("out"):
         print("cropclean clean: give --out, or a --config that names out", file=sys.stderr)
         return EXIT_USAGE
-    cfg = _config_from_args(args, doc)
-    _check_sources(cfg)
-    ingested, summary = run_ingest(cfg)
-    print(format_ingest_summary(summary, cfg.out))
-    report = run_stages(cfg, [*_stages_through("evaluate"), ReportStage()])
-    _print_training(report, cfg)
-    _print_crop(report, cfg)
-    _print_evaluation(cfg)
-    # The ingest stages ran in the first call; the second only found them complete.
-    print(stage_table({**report.results, **{n: r for n, r in ingested.results.items() if not r.skipped}}))
-    print(f"report: {report.results['report'].stats['index']}")
-    return EXIT_OK
+    return _run_pipeline(_config_from_args(args, doc), "clean")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -255,15 +271,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the annotator files of a cropped run again (e.g. with other image URLs)."""
-    import json
-
-    from pipeline import storage
+    from pipeline import manifests, storage
     from pipeline.annotate.export import local_files_prefix, write_blacklist_export
+    from pipeline.layout import RunLayout
 
-    needed = [
-        storage.join(args.out, "manifests", "blacklist.parquet"),
-        storage.join(args.out, "models", "classes.json"),
-    ]
+    layout = RunLayout(args.out)
+    needed = [layout.manifest("blacklist"), layout.classes]
     missing = [u for u in needed if not storage.exists(u)]
     if missing:
         print(f"cropclean export: {args.out} has no {', '.join(missing)}; run cropclean crop first",
@@ -276,7 +289,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"cropclean export: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    classes = json.loads(storage.read_text(needed[1]))
+    classes = manifests.read_classes(layout.classes)
     written = write_blacklist_export(args.out, classes, prefix, force=args.force)
     for line in written["warnings"]:
         print(f"warning: {line}", file=sys.stderr)
@@ -353,29 +366,32 @@ def _scale_range(text: str) -> tuple[float, float]:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Pre-labelling: ingest unlabelled images into OUT2 and label them with the ensemble of run --models."""
-    from pipeline import storage
+    from pipeline import manifests, storage
     from pipeline.config import absolute_local
+    from pipeline.layout import RunLayout
 
-    trained = storage.join(args.models, "models", "classes.json")
-    if not storage.exists(storage.join(args.models, "run.yaml")) or not storage.exists(trained):
+    trained = RunLayout(args.models)
+    if not storage.exists(trained.run_config) or not storage.exists(trained.classes):
         print(f"cropclean predict: {args.models} holds no trained run (no run.yaml or models/classes.json); "
               "run cropclean train there first", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    try:  # another run's file: refused with its reason before anything starts
+        manifests.read_classes(trained.classes)
+    except manifests.ManifestError as exc:
+        print(f"cropclean predict: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if absolute_local(args.out.rstrip("/")) == absolute_local(args.models.rstrip("/")):
         print("cropclean predict: --out must be a folder of its own, not the trained run's", file=sys.stderr)
         return EXIT_USAGE
+    from pipeline.pipelines import predict_stages
     from pipeline.runner import run_stages
-    from pipeline.stages.dedupe import DedupeStage
-    from pipeline.stages.normalize import NormalizeStage
-    from pipeline.stages.predict import PRELABEL_CSV, PRELABEL_TASKS, PredictStage
-    from pipeline.stages.sources import SourcesStage
+    from pipeline.stages.predict import PRELABEL_CSV, PRELABEL_TASKS
 
-    doc = load_config_file(storage.join(args.models, "run.yaml"))
+    doc = load_config_file(trained.run_config)
     doc["sources"] = [{"uri": args.source, **({"kind": args.kind} if args.kind else {})}]
     cfg = _config_from_args(args, doc)
     _check_sources(cfg)
-    stage = PredictStage(args.models, args.threshold, args.image_prefix)
-    report = run_stages(cfg, [SourcesStage(), NormalizeStage(), DedupeStage(), stage])
+    report = run_stages(cfg, predict_stages(args.models, args.threshold, args.image_prefix))
     stats = report.results["predict"].stats
     print(
         f"prelabels: {stats['images']} images, {stats['unsure']} unsure (confidence below "
@@ -396,7 +412,28 @@ def _config_from_file(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return _run_ingest(_config_from_file(args))
+    """``cropclean run CONFIG``: the pipeline the config asks for (``pipelines.pipeline_for``)."""
+    from pipeline.pipelines import pipeline_for
+
+    doc = load_config_file(args.config)
+    return _run_pipeline(_config_from_file(args), pipeline_for(doc))
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """``cropclean stage NAME OUT``: one stage, again, on a run whose earlier stages are complete."""
+    import json
+
+    from pipeline.pipelines import run_one_stage
+
+    cfg = _ingested_config(args, "stage")
+    if cfg is None:
+        return EXIT_USAGE
+    report = run_one_stage(cfg, args.name)
+    result = report.results[args.name]
+    _print_stage_notes(report)
+    print(f"{args.name}: {json.dumps(result.stats, default=str)}")
+    _print_logs(cfg)
+    return EXIT_OK
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -540,11 +577,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_predict)
 
-    p = command(sub, "run", help="run the pipeline described by a config file")
+    p = command(
+        sub,
+        "run",
+        help="run what a config file asks for: ingest, and train, crop (with "
+        "blacklist) or evaluate (everything, with the report) when it has those sections",
+    )
     p.add_argument("config")
     p.add_argument("--out", help="override the config's output URI")
     _add_config_args(p)
     p.set_defaults(func=cmd_run)
+
+    from pipeline.pipelines import PIPELINES
+
+    p = command(sub, "stage", help="run one stage again on a run whose earlier stages are complete")
+    p.add_argument("name", choices=PIPELINES["clean"], help="the stage")
+    p.add_argument("out", help="output URI of the run")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_stage)
 
     p = command(sub, "validate", help="check a config file and exit")
     p.add_argument("config")

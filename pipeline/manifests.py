@@ -1,11 +1,19 @@
-"""Parquet manifests: schemas from ``schemas/``, validated on write, versioned, written atomically."""
+"""Parquet manifests: schemas from ``schemas/``, validated on write, versioned, written atomically.
+
+The schemas live in the repository's top-level ``schemas/``, which the wheel ships inside the package
+as ``pipeline/schemas/`` (pyproject.toml maps the package ``pipeline.schemas`` to that folder).
+"""
 
 from __future__ import annotations
 
 import functools
 import io
+import json
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -14,7 +22,15 @@ import yaml
 
 from pipeline import storage
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+
+def _schema_dir() -> Traversable:
+    """``schemas/`` inside the package where the wheel put it; else, in a source checkout (an editable
+    install, the tests, a Ray job's working_dir), the top-level ``schemas/`` beside the package."""
+    packaged = resources.files("pipeline") / "schemas"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "schemas"
+
+
+SCHEMA_DIR = _schema_dir()
 META_NAME = b"cropclean.schema"
 META_VERSION = b"cropclean.schema_version"
 
@@ -27,8 +43,11 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
     "float32": pa.float32(),
     "float64": pa.float64(),
     "timestamp": pa.timestamp("us", tz="UTC"),
+    "binary": pa.binary(),
     "list<string>": pa.list_(pa.string()),
+    "list<int64>": pa.list_(pa.int64()),
     "list<float32>": pa.list_(pa.float32()),
+    "list<float64>": pa.list_(pa.float64()),
 }
 
 
@@ -68,10 +87,10 @@ class Schema:
 def load_schema(name: str) -> Schema:
     """The schema named ``name`` (``schemas/<name>.yaml``)."""
     path = SCHEMA_DIR / f"{name}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in SCHEMA_DIR.glob("*.yaml"))
+    if not path.is_file():
+        known = sorted(p.name.removesuffix(".yaml") for p in SCHEMA_DIR.iterdir() if p.name.endswith(".yaml"))
         raise ManifestError(f"no schema named {name!r}; known schemas: {', '.join(known)}")
-    doc = yaml.safe_load(path.read_text())
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     cols = []
     for c in doc["columns"]:
         if c["type"] not in _ARROW_TYPES:
@@ -150,3 +169,27 @@ def read_manifest(name: str, uri: str, columns: list[str] | None = None) -> pd.D
             f"version that wrote it."
         )
     return pq.read_table(path, filesystem=fs, columns=columns).to_pandas()
+
+
+def write_classes(classes: list[str], uri: str) -> None:
+    """The class names in label-index order, as ``models/classes.json`` (schema ``classes``)."""
+    storage.write_text_atomic(uri, json.dumps(check_classes(classes, uri)))
+
+
+def read_classes(uri: str) -> list[str]:
+    """``models/classes.json`` checked against schema ``classes``: a JSON list of unique strings (it may
+    come from another run, e.g. ``cropclean predict --models``). A bad file raises ManifestError."""
+    try:
+        classes = json.loads(storage.read_text(uri))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{uri}: not a classes file (invalid JSON: {exc})") from exc
+    return check_classes(classes, uri)
+
+
+def check_classes(classes: Any, uri: str) -> list[str]:
+    schema = load_schema("classes")
+    if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes):
+        raise ManifestError(f"{uri}: not a {schema.name} file: expected a JSON list of class names")
+    if len(set(classes)) != len(classes):
+        raise ManifestError(f"{uri}: a class name appears twice")
+    return list(classes)

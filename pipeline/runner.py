@@ -12,44 +12,79 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import progress, storage
-from pipeline.config import RayConfig, RunConfig
+from pipeline.config import ConfigError, RayConfig, RunConfig
 from pipeline.faults import FaultPlan
 from pipeline.resources import amounts
 from pipeline.stages.base import RunContext, Stage, StageResult
+from pipeline.summary import update_metrics
 from pipeline.watchdog import Watchdog
 
 log = logging.getLogger("cropclean")
 
 
-def ensure_ray(cfg: RayConfig) -> None:
+RAY_LOG = "ray.log"
+
+
+def ensure_ray(cfg: RayConfig, logs: str | None = None) -> None:
     """Connect to the cluster named by the config or RAY_ADDRESS, else start a local instance.
 
     With neither, Ray itself connects to an instance that `ray start --head` left running on this
     machine, and refuses ``num_cpus``/``num_gpus`` then: the run connects without them and says, in one
     line, that they were ignored and what to do to have them.
+
+    The console is cropclean's: Ray's own log lines go to ``logs/ray.log`` (when ``logs`` is a local
+    folder), and its workers' output stays in Ray's session folder (``ray_session_logs()``) instead of
+    being echoed, line by line, between the stage lines.
     """
     import ray
 
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    quiet: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, **quiet)
     else:
         try:
-            ray.init(
-                num_cpus=cfg.num_cpus,
-                num_gpus=cfg.num_gpus,
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-            )
+            ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, **quiet)
         except ValueError as exc:
             if "connecting to an existing cluster" not in str(exc):
                 raise
-            ray.init(logging_level=logging.WARNING)
+            ray.init(**quiet)
             log.warning(existing_instance_warning(cfg, ray.get_runtime_context().gcs_address,
                                                   ray.cluster_resources()))  # fmt: skip
     configure_ray_data()
+    if logs is not None:
+        route_ray_logs(logs)
+
+
+def route_ray_logs(logs: str) -> str | None:
+    """Send the driver's Ray log lines (Ray Core, Data, Train) to ``logs/ray.log`` instead of the
+    console; returns the file, or None for a remote run folder (the lines stay on the console)."""
+    if "://" in logs and not logs.startswith("file://"):
+        return None
+    folder = logs.removeprefix("file://")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, RAY_LOG)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            if isinstance(old, logging.StreamHandler) and not isinstance(old, logging.FileHandler):
+                logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.propagate = False
+    return path
+
+
+def ray_session_logs() -> str | None:
+    """Where Ray keeps this machine's process logs of the session (workers' output, tracebacks), or
+    None when this process holds no Ray node (Ray keeps no public call for it)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return node.get_logs_dir_path() if ray.is_initialized() and node is not None else None
 
 
 def existing_instance_warning(cfg: RayConfig, address: str, resources: dict[str, float]) -> str:
@@ -98,10 +133,6 @@ class RunReport:
         return [n for n, r in self.results.items() if r.skipped]
 
 
-def _marker_uri(ctx: RunContext, stage: Stage) -> str:
-    return storage.join(ctx.stage_dir(stage.name), "_COMPLETE.json")
-
-
 def _read_marker(uri: str) -> dict[str, Any] | None:
     if not storage.exists(uri):
         return None
@@ -111,28 +142,49 @@ def _read_marker(uri: str) -> dict[str, Any] | None:
         return None
 
 
-def run_stages(cfg: RunConfig, stages: Sequence[Stage], faults: FaultPlan | None = None) -> RunReport:
+def _from_marker(marker: dict[str, Any]) -> StageResult:
+    """A finished stage's result as its completion marker recorded it."""
+    return StageResult(stats=marker.get("stats", {}), fingerprint=marker.get("fingerprint", ""),
+                       errors=list(marker.get("errors", [])), seconds=float(marker.get("seconds", 0.0)),
+                       skipped=True)  # fmt: skip
+
+
+class IncompleteInputs(ConfigError):
+    """A stage was asked to run alone, but a stage before it is not complete under this config."""
+
+
+def run_stages(cfg: RunConfig, stages: Sequence[Stage], faults: FaultPlan | None = None,
+               only: str | None = None) -> RunReport:  # fmt: skip
     """Run ``stages`` in order, skipping those whose completion marker matches the config.
 
     A stage's key chains the keys of the stages before it, so a change that affects one stage re-runs
-    it and everything after it.
+    it and everything after it. Each stage's result goes to its marker (``OUT/stages/<name>/``) and
+    its metrics sections to ``OUT/metrics.json``. With ``only``, that stage runs (complete or not) and
+    the stages before it must be complete: IncompleteInputs names the first that is not.
     """
     ctx = RunContext(cfg=cfg, faults=faults or FaultPlan.from_env())
-    storage.write_text_atomic(ctx.uri("run.yaml"), cfg.to_yaml())
-    ensure_ray(cfg.ray)
+    layout = ctx.layout
+    storage.write_text_atomic(layout.run_config, cfg.to_yaml())
+    ensure_ray(cfg.ray, layout.logs)
     report = RunReport()
     chain = ""
     for stage in stages:
         chain = f"{chain}|{stage.name}={stage.config_key(cfg)}"
         key = storage_key(chain)
         ctx.keys[stage.name] = key
-        marker_uri = _marker_uri(ctx, stage)
+        marker_uri = layout.stage_marker(stage.name)
         marker = _read_marker(marker_uri)
-        if marker and marker.get("key") == key and marker.get("final", True):
+        complete = bool(marker and marker.get("key") == key and marker.get("final", True))
+        if only is not None and stage.name != only and not complete:
+            raise IncompleteInputs(
+                f"stage {only}: stage {stage.name} before it is not complete for this config in {cfg.out}; "
+                f"run the pipeline (cropclean clean, or cropclean run CONFIG) first"
+            )
+        if marker and complete and stage.name != only:
             progress.stage_skipped(stage.name)
-            stats = marker.get("stats", {})
-            report.results[stage.name] = StageResult(stats=stats, skipped=True)
-            chain += f"#{stats.get('fingerprint', '')}"
+            result = _from_marker(marker)
+            report.results[stage.name] = result
+            chain += f"#{result.fingerprint}"
             continue
         progress.stage_running(stage.name)
         with Watchdog(stage.name, cfg.ray.stall_timeout, cfg.ray.stall_fail):
@@ -140,15 +192,19 @@ def run_stages(cfg: RunConfig, stages: Sequence[Stage], faults: FaultPlan | None
         progress.stage_done(stage.name, result.seconds)
         # What later stages depend on includes this stage's output, not only its config: a re-run that
         # retried failed downloads changes the output, and what follows must run again.
-        chain += f"#{result.stats.get('fingerprint', '')}"
+        chain += f"#{result.fingerprint}"
+        for section, values in result.metrics.items():
+            update_metrics(cfg.out, section, values)
         record = {
             "stage": stage.name,
             "key": key,
             "seconds": round(result.seconds, 3),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "stats": result.stats,
+            "fingerprint": result.fingerprint,
+            "errors": result.errors,
             # Not final: work is left for a later run (downloads to retry, a provider that stopped).
-            "final": not result.stats.get("incomplete", False),
+            "final": not result.incomplete,
         }
         storage.write_text_atomic(marker_uri, json.dumps(record, indent=2, default=str))
         report.results[stage.name] = result

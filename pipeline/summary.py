@@ -8,11 +8,21 @@ from typing import Any
 import pandas as pd
 
 from pipeline import manifests, storage
+from pipeline.layout import RunLayout
 
 
 def ingest_summary(out: str) -> dict[str, Any]:
-    images = manifests.read_manifest("images", storage.join(out, "manifests", "images.parquet"))
-    dups = manifests.read_manifest("duplicates", storage.join(out, "manifests", "duplicates.parquet"))
+    """Statuses, reasons, duplicate groups and classes per split, from the images and duplicates
+    manifests (no duplicates manifest: no groups)."""
+    layout = RunLayout(out)
+    images = manifests.read_manifest("images", layout.manifest("images"))
+    dups_uri = layout.manifest("duplicates")
+    if storage.exists(dups_uri):
+        dups = manifests.read_manifest("duplicates", dups_uri)
+    else:
+        dups = pd.DataFrame(columns=manifests.load_schema("duplicates").names).astype(
+            {"cross_label": bool, "cross_split": bool}
+        )
     ok = images[images["status"] == "ok"]
     reasons = images[images["status"] != "ok"].groupby(["status", "reason"]).size()
     per_class = ok.groupby(["label", "split"]).size().unstack(fill_value=0)
@@ -37,13 +47,13 @@ def ingest_summary(out: str) -> dict[str, Any]:
 
 def read_metrics(out: str) -> dict[str, Any]:
     """OUT/metrics.json, or nothing yet."""
-    uri = storage.join(out, "metrics.json")
+    uri = RunLayout(out).metrics
     return json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
 
 
 def update_metrics(out: str, section: str, values: dict[str, Any]) -> None:
     """Merge one section into OUT/metrics.json (written atomically)."""
-    uri = storage.join(out, "metrics.json")
+    uri = RunLayout(out).metrics
     metrics = read_metrics(out)
     metrics[section] = values
     storage.write_text_atomic(uri, json.dumps(metrics, indent=2, sort_keys=True, default=str))

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from pipeline import manifests
-from pipeline.annotate import labelstudio
+from pipeline.annotate import export, labelstudio
 from pipeline.cli import main
 
 # Plain backgrounds, 4 classes of 50: one small_cnn learns them in 15 epochs of batches of 8 (measured: 0.75
@@ -193,3 +193,43 @@ def test_prelabels_of_held_out_images(cleaned, held_out, tmp_path):
         assert box["value"]["rectanglelabels"] == [row["predicted_label"]]
         assert box["value"]["x"] == pytest.approx(100 * row["x0"] / row["width"])
         assert 0 < box["value"]["width"] <= 100 and task["data"]["unsure"] == bool(row["unsure"])
+
+    # Interrupted after some batches: the parts written stay, and the next run pre-labels only the rest.
+    before = manifest(out2, "prelabels").sort_values("image_id").reset_index(drop=True)
+    (parts,) = (out2 / "stages" / "predict").glob("shards-*")
+    files = sorted(parts.glob("prelabels-*.parquet"))
+    assert len(files) >= 2  # batches of crop.batch_size
+    lost = len(pd.read_parquet(files[0]))
+    files[0].unlink()
+    (out2 / "stages" / "predict" / "_COMPLETE.json").unlink()
+    assert main(["predict", str(flat), "--models", str(out), "--out", str(out2),
+                 "--threshold", str(threshold)]) == 0  # fmt: skip
+    stats = marker(out2, "predict")["stats"]
+    assert (stats["processed"], stats["reused"]) == (lost, len(before) - lost)
+    again = manifest(out2, "prelabels").sort_values("image_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(again, before)
+
+
+def test_one_stage_runs_again_alone_and_refuses_a_run_without_its_inputs(cleaned, tmp_path, capsys):
+    """``cropclean stage NAME OUT`` re-runs that stage (complete or not) and nothing after it; on a run
+    whose earlier stages are not complete it is one line, exit 2."""
+    out, _ = cleaned
+    before = {s: marker(out, s)["finished_at"] for s in ("train", "crop")}
+    export_before = marker(out, "export")
+    written = out / "export" / export.BLACKLIST_CSV
+    written.unlink()
+    printed = cli("stage", "export", str(out))
+    assert "export: {" in printed
+    after = marker(out, "export")
+    assert after["key"] == export_before["key"] and after["stats"]["rows"] == export_before["stats"]["rows"]
+    assert written.exists()  # complete, and still run again
+    assert {s: marker(out, s)["finished_at"] for s in ("train", "crop")} == before  # not run again
+    capsys.readouterr()
+
+    fresh = tmp_path / "fresh"  # a run folder with a config and no stage done
+    fresh.mkdir()
+    (fresh / "run.yaml").write_text((out / "run.yaml").read_text())
+    assert main(["stage", "crop", str(fresh)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "stage sources before it is not complete" in err, err
+    assert not (fresh / "stages" / "crop").exists()

@@ -120,3 +120,23 @@ def test_clean_prints_the_headline_numbers(demo_run):
     assert f"{100 * ev['top1_original']:5.1f}%" in printed
     assert "blacklist vs ground truth" in printed and "cleanlab find_label_issues (out_of_fold)" in printed
     assert f"{'fcn_ensemble cell':<23} label-driven" in printed  # cpu-small crops cells
+
+
+def test_run_on_a_config_with_every_section_is_clean(demo_run, capsys):
+    """``cropclean run CONFIG`` on the demo run's resolved config (every section) is the same pipeline as
+    ``cropclean clean``: the same stages with the same keys, so every one of them is found complete and
+    nothing is written again."""
+    from pipeline.cli import main
+    from pipeline.config import load_config_file
+    from pipeline.pipelines import PIPELINES, pipeline_for
+
+    out = demo_run.out
+    assert pipeline_for(load_config_file(str(out / "run.yaml"))) == "clean"
+    files = {p: p.stat().st_mtime_ns for p in [*(out / "manifests").iterdir(), out / "metrics.json",
+                                                *(out / "stages").glob("*/_COMPLETE.json")]}  # fmt: skip
+    capsys.readouterr()
+    assert main(["run", str(out / "run.yaml")]) == 0
+    printed = capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in files} == files
+    assert len(list((out / "stages").glob("*/_COMPLETE.json"))) == len(PIPELINES["clean"])
+    assert "Table IV" in printed and f"report: {out / 'report' / 'index.html'}" in printed

@@ -66,7 +66,9 @@ def shared_tmp() -> Iterator[Path]:
 # loaded what the command needs (the interpreter's own files may be private to root).
 AS_NOBODY = f"""
 import os, sys
-import pipeline.cli, pipeline.ingest
+import pipeline.cli
+from pipeline.pipelines import INGEST, stages
+stages(INGEST)  # the modules the command imports, while the interpreter's files are still readable
 os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
 sys.exit(pipeline.cli.main(sys.argv[1:]))
 """

@@ -177,13 +177,13 @@ def test_quota_stops_the_provider_keeps_results_and_resumes(images, ray_local, t
         monkeypatch.setenv("CROPCLEAN_GOOGLE_ENDPOINT", api.endpoint)
         out = tmp_path / "run"
         report, _ = run_ingest(search_config(out, "google", per_class=30))
-        stats = report.results["sources"].stats
-        assert stats["incomplete"] and "quota" in stats["errors"][0] and KEY not in stats["errors"][0]
+        result = report.results["sources"]
+        assert result.incomplete and "quota" in result.errors[0] and KEY not in result.errors[0]
         assert len(read(out, "images")) == 20  # two pages of ten made it
         images.reset()
         api.quota = None  # the quota resets
         report, _ = run_ingest(search_config(out, "google", per_class=30))
-        assert not report.results["sources"].stats["incomplete"]
+        assert not report.results["sources"].incomplete
         assert len(read(out, "images")) == 30
         assert report.results["normalize"].stats["reused"] == 20  # only the new URLs were fetched
         assert sum(images.hits.values()) == 10
@@ -226,15 +226,15 @@ def test_failed_urls_are_retried_in_later_runs_up_to_the_cap(images, ray_local, 
     out = Path(cfg.out)
     for run in (1, 2):
         report, _ = run_ingest(cfg)
-        stats = report.results["normalize"].stats
-        assert stats["processed"] == (12 if run == 1 else 2) and stats["incomplete"]
+        result = report.results["normalize"]
+        assert result.stats["processed"] == (12 if run == 1 else 2) and result.incomplete
         rows = read(out, "images").set_index("source_key")
         assert rows.loc[flaky, ["status", "reason", "attempts"]].tolist() == ["failed", "http_5xx", run]
     report, _ = run_ingest(cfg)  # third run: the flaky URL answers; the broken one reaches the cap
     rows = read(out, "images").set_index("source_key")
     assert rows.loc[flaky, ["status", "attempts"]].tolist() == ["ok", 3]
     assert rows.loc[broken, ["status", "reason", "attempts"]].tolist() == ["failed", "http_5xx", 3]
-    assert not report.results["normalize"].stats["incomplete"]
+    assert not report.results["normalize"].incomplete
     assert report.ran == ["normalize", "dedupe", "split"]  # later stages re-ran on the new output
     assert all(images.hits[f"/img/t-{i}.jpg"] == 1 for i in range(10))  # ok URLs were never fetched again
     assert images.hits["/flaky/later"] == 3 and images.hits["/status/503"] == 3
@@ -286,7 +286,7 @@ def test_url_list_locators_that_may_not_be_read_and_malformed_urls_are_final_row
             assert rows.loc[url, ["status", "reason", "attempts"]].tolist() == ["failed", "bad_url", 1], url
         assert rows.loc[rate_limited, ["status", "reason"]].tolist() == ["failed", "http_429"]
         assert (rows.loc[good, "status"] == "ok").all()
-        assert report.results["normalize"].stats["retry_later"] == 1  # the 429 only
+        assert report.results["normalize"].retry_later == 1  # the 429 only
 
         report, _ = run_ingest(cfg)  # the 429 is tried again; nothing final is
         assert report.results["normalize"].stats["processed"] == 1

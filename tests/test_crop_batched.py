@@ -14,9 +14,9 @@ from torch import nn
 from pipeline.crop import select
 from pipeline.crop.fcn import convolutionalize
 from pipeline.crop.pyramid import Scale, ScaleGrid, ScaleMaps, window_boxes
+from pipeline.crop.worker import CropWorker, Settings
 from pipeline.models.data import normalize
 from pipeline.models.zoo import Classifier, build_model
-from pipeline.stages.crop import CropWorker, Settings
 from tests import crop_reference as ref
 
 CLASSES = ["apple", "bread", "curry", "dumpling"]

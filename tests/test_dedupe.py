@@ -13,7 +13,7 @@ import pytest
 
 from pipeline import manifests, neardup
 from pipeline.config import DedupeConfig
-from pipeline.quality import duplicate_pair_scores, found_duplicate_pairs, true_duplicate_pairs
+from pipeline.evaluation.duplicates import duplicate_pair_scores, found_duplicate_pairs, true_duplicate_pairs
 from pipeline.runner import RunReport, run_stages
 from pipeline.stages.base import RunContext
 from tests.conftest import ingest_config

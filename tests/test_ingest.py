@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 
 from pipeline import manifests
+from pipeline.evaluation.duplicates import duplicate_pair_scores
 from pipeline.faults import FaultPlan
 from pipeline.ingest import run_ingest
-from pipeline.quality import duplicate_pair_scores
 from tests.conftest import ingest_config
 
 REPO = Path(__file__).resolve().parent.parent

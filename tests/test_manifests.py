@@ -164,7 +164,6 @@ def test_split_stage_refuses_the_bad_names_of_an_older_or_edited_manifest(tmp_pa
     keeps the name."""
     from pipeline.annotate.verdicts import overrides_uri
     from pipeline.stages.base import RunContext
-    from pipeline.stages.dedupe import images_uri
     from pipeline.stages.sources import image_id_for
     from pipeline.stages.split import SplitStage
     from tests.conftest import ingest_config
@@ -188,14 +187,14 @@ def test_split_stage_refuses_the_bad_names_of_an_older_or_edited_manifest(tmp_pa
     rows.append({"image_id": image_id_for("list", "f"), "label": "../y", "split": "..", "status": "failed",
                  "reason": "missing_file"})  # fmt: skip
     frame = pd.DataFrame(rows).assign(source="list", source_key=lambda d: d["image_id"])
-    write_manifest("images", frame, images_uri(ctx))
+    write_manifest("images", frame, ctx.layout.deduped_images)
     relabelled = rows[0]["image_id"]
     write_manifest("overrides", pd.DataFrame([{"image_id": relabelled, "verdict": "relabel", "label": "pho",
                                                "new_label": "../../z", "source": "edited.csv",
                                                "imported_at": pd.Timestamp.now()}]),
                    overrides_uri(cfg.out))  # fmt: skip
 
-    stats = SplitStage().run(ctx)
+    stats = SplitStage().run(ctx).stats
 
     images = read_manifest("images", ctx.manifest("images")).set_index("image_id")
     for n, (label, split, reason) in enumerate(hostile, start=12):

@@ -311,7 +311,7 @@ GOOD_ID = image_id_for("src", "1.jpg")
 
 
 def test_cropped_path_refuses_hostile_names():
-    from pipeline.stages.crop import cropped_path
+    from pipeline.layout import cropped_path
 
     assert cropped_path("train", "crème_brûlée", GOOD_ID) == f"cropped/train/crème_brûlée/{GOOD_ID}.jpg"
     for label in HOSTILE_LABELS:
@@ -330,7 +330,7 @@ def test_cropped_path_refuses_hostile_names():
 
 def test_the_crop_export_writes_nothing_for_a_hand_edited_row(tmp_path):
     """CropWorker._export, the one writer of OUT/cropped/: a hostile row gets a reason and no file."""
-    from pipeline.stages.crop import CropWorker
+    from pipeline.crop.worker import CropWorker
 
     out = tmp_path / "nested" / "run"
     out.mkdir(parents=True)

@@ -12,6 +12,7 @@ from PIL import Image
 from pipeline import neardup
 from pipeline.config import DedupeConfig
 from pipeline.faults import FaultPlan
+from pipeline.resume import KeyedFolder
 
 
 def as_set(pairs: np.ndarray) -> set[tuple[int, int]]:
@@ -54,12 +55,12 @@ def test_ray_groupby_path_equals_single_process(ray_local, tmp_path):
     from pipeline.stages.dedupe import near_pairs_on_ray
 
     uniq = np.unique(hashes)
-    pairs, reused = near_pairs_on_ray(uniq, cfg, str(tmp_path / "shards"), FaultPlan())
+    pairs, reused = near_pairs_on_ray(uniq, cfg, KeyedFolder(str(tmp_path / "shards"), "k"), FaultPlan())
     assert reused == 0 and len(list((tmp_path / "shards").glob("pairs-*.parquet"))) == 5
     assert as_set(pairs) == as_set(
         neardup.lsh_pairs(uniq, cfg.radius, cfg.lsh_tables, cfg.lsh_bits, cfg.lsh_seed)
     )
-    again, reused = near_pairs_on_ray(uniq, cfg, str(tmp_path / "shards"), FaultPlan())
+    again, reused = near_pairs_on_ray(uniq, cfg, KeyedFolder(str(tmp_path / "shards"), "k"), FaultPlan())
     assert reused == 5 and as_set(again) == as_set(pairs)
 
 
@@ -68,8 +69,8 @@ def test_local_search_writes_the_partitions_the_ray_search_writes(ray_local, tmp
 
     cfg = DedupeConfig(partitions=5)
     uniq = np.unique(neardup.planted_hashes(5_000, 10, seed=4)[0])
-    on_ray, _ = near_pairs_on_ray(uniq, cfg, str(tmp_path / "ray"), FaultPlan())
-    local, reused = near_pairs_local(uniq, cfg, str(tmp_path / "local"), FaultPlan())
+    on_ray, _ = near_pairs_on_ray(uniq, cfg, KeyedFolder(str(tmp_path / "ray"), "k"), FaultPlan())
+    local, reused = near_pairs_local(uniq, cfg, KeyedFolder(str(tmp_path / "local"), "k"), FaultPlan())
     assert reused == 0 and as_set(local) == as_set(on_ray)
     for part in range(5):
         name = f"pairs-{part:06d}.parquet"
@@ -77,7 +78,7 @@ def test_local_search_writes_the_partitions_the_ray_search_writes(ray_local, tmp
             np.array(pq.read_table(tmp_path / "local" / name).to_pandas()).reshape(-1, 2)
         ) == as_set(np.array(pq.read_table(tmp_path / "ray" / name).to_pandas()).reshape(-1, 2))
     (tmp_path / "local" / "pairs-000003.parquet").unlink()
-    again, reused = near_pairs_local(uniq, cfg, str(tmp_path / "local"), FaultPlan())
+    again, reused = near_pairs_local(uniq, cfg, KeyedFolder(str(tmp_path / "local"), "k"), FaultPlan())
     assert reused == 4 and as_set(again) == as_set(local)
 
 

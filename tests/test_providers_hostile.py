@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
@@ -15,9 +14,9 @@ from pipeline import storage
 from pipeline.config import build_config
 from pipeline.crawl.providers import MAX_KEY_CHARS, ProviderError, _cache_uri, make_provider, search
 from pipeline.imaging import NormalizeParams
-from pipeline.stages.base import RunContext
+from pipeline.stages.base import RunContext, StageResult
 from pipeline.stages.normalize import process_candidate
-from pipeline.stages.sources import SourcesStage, candidates_uri
+from pipeline.stages.sources import SourcesStage
 from tests.servers.hostile import image_bytes
 from tests.servers.providers import BraveImageSearchServer, GoogleCSEServer, SerpApiServer
 
@@ -50,9 +49,9 @@ def sources_context(tmp_path: Path, provider: str = "brave", per_class: int = 50
     return RunContext(build_config(doc, preset="cpu-small"))
 
 
-def run_sources(ctx: RunContext) -> tuple[dict[str, Any], pd.DataFrame]:
-    stats = SourcesStage().run(ctx)
-    return stats, pd.read_parquet(candidates_uri(ctx))
+def run_sources(ctx: RunContext) -> tuple[StageResult, pd.DataFrame]:
+    result = SourcesStage().run(ctx)
+    return result, pd.read_parquet(ctx.layout.candidates)
 
 
 # (provider, HTTP status, answer, what the error must say after "<provider>: ")
@@ -144,7 +143,7 @@ def test_image_urls_that_are_not_http_are_refused_at_the_source(provider, tmp_pa
         use(monkeypatch, provider, api.endpoint)
         ctx = sources_context(tmp_path, provider)
         stats, rows = run_sources(ctx)
-    assert not stats["errors"] and len(rows) == len(urls)
+    assert not stats.errors and len(rows) == len(urls)
     by_key = rows.set_index("source_key")
     assert set(by_key.loc[refused_urls(secret), "reason"]) == {"unsupported_url"}
     assert by_key.loc["http:///no-host.jpg", "reason"] == "bad_url"
@@ -168,7 +167,7 @@ def test_image_urls_that_are_not_text_are_refused_with_a_string_key(tmp_path, mo
         api.answer_with(answer)
         use(monkeypatch, "brave", api.endpoint)
         stats, rows = run_sources(sources_context(tmp_path))
-    assert not stats["errors"] and len(rows) == len(values)
+    assert not stats.errors and len(rows) == len(values)
     assert rows["source_key"].map(type).eq(str).all()
     assert rows["source_key"].str.len().max() <= MAX_KEY_CHARS
     assert rows["reason"].tolist() == ["unsupported_url"] * 6 + ["bad_url"] * 2

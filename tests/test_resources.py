@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.actor_pool import default_actors, pool_size
 from pipeline.config import ConfigError, RayConfig
+from pipeline.models.fit import check_room, concurrency, data_cpus
 from pipeline.resources import (
     Node,
     PlacementError,
@@ -28,8 +30,6 @@ from pipeline.resources import (
     require_task_cpus,
     task_cpus,
 )
-from pipeline.stages.crop import crop_actors, default_actors
-from pipeline.stages.train import check_room, concurrency, data_cpus
 from pipeline.watchdog import ClusterState, Demand, NodeFree, Watchdog, stall_message, state_from_status
 from tests.conftest import ingest_config
 
@@ -82,9 +82,9 @@ def test_what_a_node_holds_counts_per_node_not_in_total():
     assert fit_count([Node("a", 3, 1)], cpus=2, gpus=0.5) == 1  # its CPUs hold one, its GPU two
     assert fit_count([Node("head", 0), Node("w", 2)], cpus=2) == 1
     cfg = cpu_small("crop.cpus_per_actor=2")
-    assert default_actors(cfg, TWO_ONE_CPU_NODES, gpu=False) == 0
-    assert default_actors(cpu_small(), TWO_ONE_CPU_NODES, gpu=False) == 2
-    assert default_actors(cpu_small(), {"CPU": 3}, gpu=False) == 3  # a mapping of totals: one node
+    assert default_actors(cfg.crop, TWO_ONE_CPU_NODES, gpu=False) == 0
+    assert default_actors(cpu_small().crop, TWO_ONE_CPU_NODES, gpu=False) == 2
+    assert default_actors(cpu_small().crop, {"CPU": 3}, gpu=False) == 3  # a mapping of totals: one node
 
 
 def test_concurrency_steps_down_until_the_data_tasks_have_a_node():
@@ -112,7 +112,7 @@ def test_a_training_or_an_actor_that_fits_no_node_is_a_one_line_error_naming_the
         check_room(cpu_small(), TWO_ONE_CPU_NODES, gpu=True)
 
     with pytest.raises(PlacementError) as err:
-        crop_actors(cpu_small("crop.cpus_per_actor=2"), TWO_ONE_CPU_NODES, gpu=False)
+        pool_size(cpu_small("crop.cpus_per_actor=2").crop, TWO_ONE_CPU_NODES, gpu=False)
     message = str(err.value)
     assert "\n" not in message and message.startswith("crop: ")
     assert "2 CPU" in message and "crop.cpus_per_actor" in message and "127.0.0.3: 1 CPU" in message
@@ -128,10 +128,10 @@ def test_concurrent_members_must_leave_a_node_room_for_the_data_tasks():
 def test_more_actors_than_the_nodes_hold_start_as_many_as_fit_with_a_warning(caplog):
     cfg = cpu_small("crop.actors=5")
     with caplog.at_level(logging.WARNING, logger="cropclean"):
-        assert crop_actors(cfg, TWO_ONE_CPU_NODES, gpu=False) == 2
+        assert pool_size(cfg.crop, TWO_ONE_CPU_NODES, gpu=False) == 2
     assert "crop.actors is 5 but the nodes hold 2" in caplog.text
-    assert crop_actors(cpu_small("crop.actors=1"), TWO_ONE_CPU_NODES, gpu=False) == 1
-    assert crop_actors(cpu_small(), TWO_ONE_CPU_NODES, gpu=False) == 2
+    assert pool_size(cpu_small("crop.actors=1").crop, TWO_ONE_CPU_NODES, gpu=False) == 1
+    assert pool_size(cpu_small().crop, TWO_ONE_CPU_NODES, gpu=False) == 2
 
 
 def test_plain_tasks_take_a_whole_cpu_or_what_the_largest_node_has():

@@ -16,6 +16,8 @@ from pipeline.config import ConfigError
 from pipeline.faults import FaultPlan
 from pipeline.ingest import ingest_stages
 from pipeline.models.data import Augment, ray_dataset, training_rows
+from pipeline.models.fit import DatasetCache, augment_of, concurrency, worker_request
+from pipeline.models.jobs import make_jobs, member_params
 from pipeline.models.train_loop import (
     LoopState,
     TrainParams,
@@ -27,15 +29,7 @@ from pipeline.models.train_loop import (
 )
 from pipeline.models.zoo import build_model, head_parameters, trunk_parameters
 from pipeline.runner import run_stages
-from pipeline.stages.train import (
-    DatasetCache,
-    TrainStage,
-    augment_of,
-    concurrency,
-    make_jobs,
-    member_params,
-    worker_request,
-)
+from pipeline.stages.train import TrainStage
 from tests.conftest import ingest_config
 
 TINY = ["train.members=[{arch: resnet18, input_size: 32}]", "train.folds=0", "train.batch_size=16",

@@ -21,6 +21,7 @@ import pandas as pd
 
 from pipeline import manifests, storage
 from pipeline.annotate import labelstudio
+from pipeline.layout import RunLayout
 
 # Label Studio serves local files as /data/local-files/?d=<path under LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT>,
 # to users of a project with a Local files storage whose folder holds the file. With the document root at
@@ -39,7 +40,7 @@ LOW_CONFIDENCE_NOTE = "LOW CONFIDENCE: a weak ensemble made this list; check eve
 
 
 def export_dir(out: str) -> str:
-    return storage.join(out, "export")
+    return RunLayout(out).export_dir
 
 
 def local_files_prefix(out: str, document_root: str) -> str:
@@ -106,7 +107,7 @@ def _text(value: Any) -> str:
 
 def gate_message(out: str) -> str:
     """The crop stage's one line on the ensemble's strength (metrics.json), or nothing."""
-    uri = storage.join(out, "metrics.json")
+    uri = RunLayout(out).metrics
     if not storage.exists(uri):
         return ""
     try:
@@ -177,7 +178,7 @@ def write_blacklist_export(
     leaving out images that already have a verdict. Returns the file URIs, the row count, ``reviewed``
     (images left out for their verdict), ``refused`` (a withheld list: nothing written, earlier task files
     removed, ``message`` says why) and ``warnings``."""
-    blacklist = manifests.read_manifest("blacklist", storage.join(out, "manifests", "blacklist.parquet"))
+    blacklist = manifests.read_manifest("blacklist", RunLayout(out).manifest("blacklist"))
     judged = reviewed_ids(out)
     reviewed = int(blacklist["image_id"].isin(judged).sum())
     blacklist = blacklist[~blacklist["image_id"].isin(judged)]
@@ -202,7 +203,7 @@ def write_blacklist_export(
 
 def reviewed_ids(out: str) -> set[str]:
     """Images with a verdict of any kind (``manifests/overrides.parquet``): not sent again."""
-    uri = storage.join(out, "manifests", "overrides.parquet")
+    uri = RunLayout(out).manifest("overrides")
     if not storage.exists(uri):
         return set()
     return set(manifests.read_manifest("overrides", uri, columns=["image_id"])["image_id"])

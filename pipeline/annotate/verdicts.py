@@ -22,6 +22,7 @@ import pandas as pd
 
 from pipeline import manifests, storage
 from pipeline.annotate import export, labelstudio, review
+from pipeline.layout import RunLayout
 from pipeline.names import label_problem
 from pipeline.reasons import Reason, Status
 from pipeline.summary import update_metrics
@@ -37,7 +38,7 @@ class VerdictError(ValueError):
 
 
 def overrides_uri(out: str) -> str:
-    return storage.join(out, "manifests", "overrides.parquet")
+    return RunLayout(out).manifest("overrides")
 
 
 @dataclass(frozen=True)
@@ -336,7 +337,7 @@ def check_rows(rows: list[dict[str, object]], images: pd.DataFrame, classes: lis
 
 def run_classes(out: str, images: pd.DataFrame) -> list[str]:
     """The run's classes: those the ensemble was trained on, else the labels of its usable images."""
-    uri = storage.join(out, "models", "classes.json")
+    uri = RunLayout(out).classes
     if storage.exists(uri):
         try:
             classes = json.loads(storage.read_text(uri))
@@ -359,7 +360,7 @@ def _flags(out: str, old: pd.DataFrame) -> pd.DataFrame:
     """Per image, the score and reason it was flagged with: the blacklist's rows now, else what an earlier
     import kept (the next run no longer lists an image that has a verdict)."""
     columns = ["image_id", "flag_score", "flag_reason"]
-    uri = storage.join(out, "manifests", "blacklist.parquet")
+    uri = RunLayout(out).manifest("blacklist")
     found = [old.dropna(subset=["flag_score"])[columns]]
     if storage.exists(uri):
         blacklist = _run_manifest("blacklist", uri)
@@ -378,7 +379,7 @@ def import_verdicts(uri: str, out: str, replace: bool = False, users: dict[str, 
     are checked before anything is written, and the manifest is written atomically. ``users`` (Label
     Studio's user id -> email) names annotators by email. The blacklist's human-confirmed precision
     goes to metrics.json (``review``), for ``target_precision``'s threshold."""
-    images_uri = storage.join(out, "manifests", "images.parquet")
+    images_uri = RunLayout(out).manifest("images")
     try:
         ingested = storage.exists(images_uri)
     except (OSError, ValueError) as exc:  # a NUL byte in the path, an unknown scheme

@@ -1,6 +1,7 @@
 """Evaluation of a run: the paper's Table IV (a classifier outside the ensemble on original and cropped test
 images) and the quality of the blacklist. Everything lands in the ``evaluation`` section of
 ``OUT/metrics.json``, each part merging its own keys so that parts written at different times coexist.
+``duplicates`` scores a dedupe against the true duplicate pairs of generated data (tests, bench/).
 
 Importing the package is light (no torch, no Ray): the training side lives in
 ``pipeline/stages/evaluate.py``.

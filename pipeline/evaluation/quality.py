@@ -30,6 +30,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.layout import RunLayout
 from pipeline.manifests import read_manifest
 from pipeline.sources import detect_kind
 
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     from pipeline.stages.base import RunContext
 
 GROUND_TRUTH_FILE = "ground_truth.parquet"
-JUDGMENTS_PATH = ("stages", "crop", "judgments.parquet")
 # A crop "holds the object" when at least this share of the object's box lies inside it.
 CONTAINED = 0.8
 LABEL_NOT_FOUND = "label_not_found"
@@ -182,7 +182,7 @@ def load_ground_truth(cfg: RunConfig, images: pd.DataFrame | None = None) -> pd.
     if not truths:
         return None
     if images is None:
-        uri = storage.join(cfg.out, "manifests", "images.parquet")
+        uri = RunLayout(cfg.out).manifest("images")
         if not storage.exists(uri):
             return None
         images = read_manifest("images", uri)
@@ -507,11 +507,7 @@ def quality_metrics(ctx: RunContext) -> dict[str, Any]:
     blacklist = _read("blacklist", ctx.manifest("blacklist"))
     truth = load_ground_truth(cfg, images)
     if truth is not None:
-        judgments_uri = ctx.uri(*JUDGMENTS_PATH)
-        judged = None
-        if storage.exists(judgments_uri):
-            fs, path = storage.get_fs(judgments_uri)
-            judged = pq.read_table(path, filesystem=fs).to_pandas()
+        judged = _read("judgments", ctx.layout.judgments)
         crops = _read("crops", ctx.manifest("crops"))
         if crops is not None:
             out["crops"] = crop_quality(crops, truth)

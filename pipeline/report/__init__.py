@@ -17,6 +17,7 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from pipeline import storage
+from pipeline.layout import RunLayout
 from pipeline.report.data import RunData, read_run
 from pipeline.report.heatmaps import HeatJob, heat_name, make_heatmaps
 from pipeline.report.pages import INDEX, PageBuilder
@@ -37,7 +38,7 @@ class ReportResult:
 
 
 def report_dir(out: str) -> str:
-    return storage.join(out, "report")
+    return RunLayout(out).report_dir
 
 
 def heat_jobs(run: RunData, limit: int) -> list[HeatJob]:

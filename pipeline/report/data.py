@@ -11,8 +11,8 @@ import pandas as pd
 
 from pipeline import manifests, storage
 from pipeline.config import RunConfig, build_config, load_config_file
+from pipeline.layout import RunLayout
 from pipeline.names import id_problem, label_problem, split_problem
-from pipeline.stages.train import model_dir
 from pipeline.summary import read_metrics
 
 log = logging.getLogger("cropclean")
@@ -83,7 +83,7 @@ def confined(out: str, name: str, frame: pd.DataFrame) -> pd.DataFrame:
 def _manifest(out: str, name: str, columns: list[str] | None = None) -> pd.DataFrame:
     """A manifest, or an empty frame of its columns when the stage that writes it has not run; rows
     that would name a file outside OUT are left out (``confined``)."""
-    uri = storage.join(out, "manifests", f"{name}.parquet")
+    uri = RunLayout(out).manifest(name)
     if storage.exists(uri):
         return confined(out, name, manifests.read_manifest(name, uri, columns=columns))
     return pd.DataFrame(columns=columns or manifests.load_schema(name).names)
@@ -92,7 +92,7 @@ def _manifest(out: str, name: str, columns: list[str] | None = None) -> pd.DataF
 def _histories(out: str, cfg: RunConfig) -> dict[str, list[dict[str, Any]]]:
     found = {}
     for member in cfg.train.members:
-        uri = storage.join(model_dir(out, member.label, None), "history.json")
+        uri = storage.join(RunLayout(out).model_dir(member.label), "history.json")
         if storage.exists(uri):
             found[member.label] = json.loads(storage.read_text(uri))["history"]
     return found
@@ -100,7 +100,7 @@ def _histories(out: str, cfg: RunConfig) -> dict[str, list[dict[str, Any]]]:
 
 def read_run(out: str) -> RunData:
     """Everything the report needs from ``out``; a run that stopped after ingest gives empty crops."""
-    run_yaml = storage.join(out, "run.yaml")
+    run_yaml = RunLayout(out).run_config
     if not storage.exists(run_yaml):
         raise FileNotFoundError(f"{out} holds no run (no run.yaml); run cropclean ingest or clean first")
     cfg = build_config(load_config_file(run_yaml))

@@ -18,10 +18,10 @@ from PIL import Image
 
 from pipeline import progress, storage
 from pipeline.crop.localize import FCNEnsemble, load_classifier
+from pipeline.layout import RunLayout
 from pipeline.models.data import load_rgb, normalize
 from pipeline.names import safe_id, safe_label
 from pipeline.report.thumbs import THUMB_SIDE
-from pipeline.stages.train import model_dir
 
 BATCH = 16
 
@@ -97,7 +97,7 @@ def make_heatmaps(
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     # Every other scale of the crop's pyramid: at thumbnail size the overlay looks the same, at half the
     # cost (the FCNs' convolutions are nearly all of it).
-    fcn = FCNEnsemble([load_classifier(model_dir(out, m, None)) for m in members], step**2, max_scale)
+    fcn = FCNEnsemble([load_classifier(RunLayout(out).model_dir(m)) for m in members], step**2, max_scale)
     pictures = {j.image_id: np.asarray(load_rgb(storage.join(out, j.path))) for j in todo}
     done = 0
     batches = list(_batches(todo, pictures))

@@ -1,4 +1,5 @@
-"""The small shape every stage has: a name, the config it depends on, resources, and ``run``."""
+"""The small shape every stage has: a name, the config it depends on, and ``run``, which returns a
+:class:`StageResult`."""
 
 from __future__ import annotations
 
@@ -10,12 +11,8 @@ from typing import Any, ClassVar
 from pipeline import storage
 from pipeline.config import RunConfig
 from pipeline.faults import FaultPlan
-
-
-@dataclass(frozen=True)
-class Resources:
-    cpus: float = 1.0
-    gpus: float = 0.0
+from pipeline.layout import RunLayout
+from pipeline.resume import KeyedFolder
 
 
 @dataclass
@@ -30,28 +27,24 @@ class RunContext:
     def out(self) -> str:
         return self.cfg.out
 
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.cfg.out)
+
     def uri(self, *parts: str) -> str:
         return storage.join(self.out, *parts)
 
     def stage_dir(self, stage: str) -> str:
-        return self.uri("stages", stage)
-
-    def shard_dir(self, stage: str) -> str:
-        """Where a stage keeps finished shards; keyed so that a config change never reuses stale ones."""
-        return storage.join(self.stage_dir(stage), f"shards-{self.keys.get(stage, '-')}")
+        return self.layout.stage_dir(stage)
 
     def manifest(self, name: str) -> str:
-        return self.uri("manifests", f"{name}.parquet")
+        return self.layout.manifest(name)
 
-
-def shard_file(shard_dir: str, prefix: str, shard: int) -> str:
-    return storage.join(shard_dir, f"{prefix}-{shard:06d}.parquet")
-
-
-def finished_shards(shard_dir: str, prefix: str) -> set[int]:
-    """Numbers of the shards whose output file exists (files are written atomically)."""
-    names = (u.rsplit("/", 1)[-1] for u in storage.list_files(shard_dir, ".parquet"))
-    return {int(n[len(prefix) + 1 : -len(".parquet")]) for n in names if n.startswith(f"{prefix}-")}
+    def parts(self, stage: str) -> KeyedFolder:
+        """The folder of a stage's finished parts under this run's key of the stage (``shards-<key>``):
+        a config change never reuses stale ones."""
+        key = self.keys.get(stage, "-")
+        return KeyedFolder.named(self.stage_dir(stage), "shards", key)
 
 
 def drain(ds: Any) -> None:
@@ -65,14 +58,22 @@ def drain(ds: Any) -> None:
 
 @dataclass
 class StageResult:
-    stats: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    skipped: bool = False
+    """What a stage's run gave. The runner reads every field but ``stats``: it records them in the
+    stage's completion marker, merges ``metrics`` into ``OUT/metrics.json`` (one section per key,
+    replaced whole), and chains ``fingerprint`` into the keys of the stages after it."""
+
+    stats: dict[str, Any] = field(default_factory=dict)  # counts for the console and the marker
+    fingerprint: str = ""  # of the output: a later stage re-runs when it changes, even if its config did not
+    incomplete: bool = False  # work is left for a later run (downloads to retry, a provider that stopped)
+    retry_later: int = 0  # how many items that later run takes up
+    errors: list[str] = field(default_factory=list)  # one line each, for the console
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # metrics.json sections
+    seconds: float = 0.0  # set by the runner
+    skipped: bool = False  # set by the runner: complete already, not run
 
 
 class Stage(ABC):
     name: ClassVar[str]
-    resources: ClassVar[Resources] = Resources()
     # Config sections whose values decide the stage's output (the completion marker hashes them).
     config_sections: ClassVar[tuple[str, ...]] = ()
 
@@ -80,10 +81,11 @@ class Stage(ABC):
         return cfg.section_hash(*self.config_sections) if self.config_sections else "-"
 
     @abstractmethod
-    def run(self, ctx: RunContext) -> dict[str, Any]:
-        """Do the work, write the stage's outputs atomically, return stats for the summary."""
+    def run(self, ctx: RunContext) -> StageResult:
+        """Do the work, write the stage's outputs atomically, return what it gave."""
 
     def timed_run(self, ctx: RunContext) -> StageResult:
         start = time.perf_counter()
-        stats = self.run(ctx)
-        return StageResult(stats=stats, seconds=time.perf_counter() - start)
+        result = self.run(ctx)
+        result.seconds = time.perf_counter() - start
+        return result

@@ -28,8 +28,8 @@ from pipeline import manifests, neardup, storage
 from pipeline.config import DedupeConfig
 from pipeline.faults import FaultPlan
 from pipeline.reasons import Reason, Status
-from pipeline.stages.base import Resources, RunContext, Stage, drain, finished_shards, shard_file
-from pipeline.stages.normalize import images_uri as normalized_images_uri
+from pipeline.resume import KeyedFolder
+from pipeline.stages.base import RunContext, Stage, StageResult, drain
 
 DUP_COLUMNS = manifests.load_schema("duplicates").names
 log = logging.getLogger("cropclean")
@@ -55,10 +55,6 @@ VERIFIED_BY_PHASH = "phash"
 VERIFIED_BY_CHAIN = "chain"
 
 
-def images_uri(ctx: RunContext) -> str:
-    return storage.join(ctx.stage_dir(DedupeStage.name), "images.parquet")
-
-
 def emit_bucket_rows(
     batch: dict[str, np.ndarray], *, positions: np.ndarray, partitions: int, skip: frozenset[int]
 ) -> dict[str, np.ndarray]:
@@ -79,7 +75,7 @@ def emit_bucket_rows(
 
 
 def pairs_for_partition(
-    group: dict[str, np.ndarray], *, radius: int, shard_dir: str, faults: FaultPlan
+    group: dict[str, np.ndarray], *, radius: int, parts: KeyedFolder, faults: FaultPlan
 ) -> dict[str, np.ndarray]:
     """Ray Data map_groups: verified pairs of one bucket partition, written as that partition's file."""
     part = int(group["part"][0])
@@ -90,17 +86,17 @@ def pairs_for_partition(
         )
     )
     table = pa.table({"a": pairs[:, 0], "b": pairs[:, 1]})
-    manifests.write_table_atomic(table, shard_file(shard_dir, "pairs", part))
+    manifests.write_table_atomic(table, parts.part("pairs", part))
     return {"part": np.array([part]), "pairs": np.array([len(pairs)])}
 
 
 def near_pairs_on_ray(
-    uniq: np.ndarray, cfg: DedupeConfig, shard_dir: str, faults: FaultPlan
+    uniq: np.ndarray, cfg: DedupeConfig, parts: KeyedFolder, faults: FaultPlan
 ) -> tuple[np.ndarray, int]:
     """Pairs of indices into ``uniq`` within the radius, via a Ray Data groupby. Returns (pairs, reused)."""
     import ray
 
-    done = finished_shards(shard_dir, "pairs")
+    done = parts.finished("pairs")
     todo = [p for p in range(cfg.partitions) if p not in done]
     if todo and uniq.size:
         positions = neardup.sample_bits(cfg.lsh_tables, cfg.lsh_bits, cfg.lsh_seed)
@@ -113,19 +109,19 @@ def near_pairs_on_ray(
         ds = ds.groupby("part", num_partitions=min(cfg.partitions, 64)).map_groups(
             pairs_for_partition,
             batch_format="numpy",
-            fn_kwargs={"radius": cfg.radius, "shard_dir": shard_dir, "faults": faults},
+            fn_kwargs={"radius": cfg.radius, "parts": parts, "faults": faults},
         )
         drain(ds)
     # A partition that received no bucket rows got no map_groups call: it is complete and empty.
-    return _collect_partitions(cfg, todo, shard_dir), len(done)
+    return _collect_partitions(cfg, todo, parts), len(done)
 
 
 def near_pairs_local(
-    uniq: np.ndarray, cfg: DedupeConfig, shard_dir: str, faults: FaultPlan
+    uniq: np.ndarray, cfg: DedupeConfig, parts: KeyedFolder, faults: FaultPlan
 ) -> tuple[np.ndarray, int]:
     """What ``near_pairs_on_ray`` does, on the driver: the same bucket rows, partitions, kernel and
     partition files (each the unit of resume), without the shuffle. Returns (pairs, reused)."""
-    done = finished_shards(shard_dir, "pairs")
+    done = parts.finished("pairs")
     todo = [p for p in range(cfg.partitions) if p not in done]
     if todo and uniq.size:
         positions = neardup.sample_bits(cfg.lsh_tables, cfg.lsh_bits, cfg.lsh_seed)
@@ -136,24 +132,24 @@ def near_pairs_local(
             skip=frozenset(done),
         )
         order = np.argsort(rows["part"], kind="stable")
-        parts = rows["part"][order]
+        part_of = rows["part"][order]
         for p in todo:
-            lo, hi = np.searchsorted(parts, [p, p + 1])
+            lo, hi = np.searchsorted(part_of, [p, p + 1])
             take = order[lo:hi]
             group = {k: v[take] for k, v in rows.items()}
             if take.size:
-                pairs_for_partition(group, radius=cfg.radius, shard_dir=shard_dir, faults=faults)
-    return _collect_partitions(cfg, todo, shard_dir), len(done)
+                pairs_for_partition(group, radius=cfg.radius, parts=parts, faults=faults)
+    return _collect_partitions(cfg, todo, parts), len(done)
 
 
-def _collect_partitions(cfg: DedupeConfig, todo: list[int], shard_dir: str) -> np.ndarray:
+def _collect_partitions(cfg: DedupeConfig, todo: list[int], parts: KeyedFolder) -> np.ndarray:
     """The pairs of every partition file; partitions in ``todo`` without one got no bucket rows and are
     complete and empty (written now)."""
     empty = pa.table({"a": pa.array([], pa.int64()), "b": pa.array([], pa.int64())})
     for p in todo:
-        if not storage.exists(shard_file(shard_dir, "pairs", p)):
-            manifests.write_table_atomic(empty, shard_file(shard_dir, "pairs", p))
-    tables = [manifests.read_table(shard_file(shard_dir, "pairs", p)) for p in range(cfg.partitions)]
+        if not storage.exists(parts.part("pairs", p)):
+            manifests.write_table_atomic(empty, parts.part("pairs", p))
+    tables = [manifests.read_table(parts.part("pairs", p)) for p in range(cfg.partitions)]
     pairs = (
         np.concatenate([np.stack([t["a"].to_numpy(), t["b"].to_numpy()], axis=1) for t in tables])
         if tables
@@ -472,12 +468,11 @@ def group_duplicates(
 
 class DedupeStage(Stage):
     name = "dedupe"
-    resources = Resources(cpus=1)
     config_sections: ClassVar[tuple[str, ...]] = ("dedupe",)
 
-    def run(self, ctx: RunContext) -> dict[str, Any]:
+    def run(self, ctx: RunContext) -> StageResult:
         cfg = ctx.cfg.dedupe
-        images = manifests.read_manifest("images", normalized_images_uri(ctx))
+        images = manifests.read_manifest("images", ctx.layout.normalized_images)
         images["_order"] = np.arange(len(images))
         ok = images[images["status"] == Status.OK].reset_index(drop=True)
         stats: dict[str, Any] = {"searched": len(ok), "method": cfg.method, "verify": cfg.verify}
@@ -491,7 +486,7 @@ class DedupeStage(Stage):
                 pairs, reused = neardup.exact_pairs(uniq, cfg.radius), 0
             else:
                 search = near_pairs_local if uniq.size <= LOCAL_SEARCH_MAX else near_pairs_on_ray
-                pairs, reused = search(uniq, cfg, ctx.shard_dir(self.name), ctx.faults)
+                pairs, reused = search(uniq, cfg, ctx.parts(self.name), ctx.faults)
             checked = verify_candidates(
                 ok, inverse, pairs, ctx.out if cfg.verify else None, cfg.verify_max_diff
             )
@@ -532,7 +527,7 @@ class DedupeStage(Stage):
         hit = images["image_id"].isin(upd.index)
         for col in ("status", "reason", "detail"):
             images.loc[hit, col] = images.loc[hit, "image_id"].map(upd[col]).astype(str)
-        manifests.write_manifest("images", images.drop(columns=["_order"]), images_uri(ctx))
+        manifests.write_manifest("images", images.drop(columns=["_order"]), ctx.layout.deduped_images)
         stats.update(
             {
                 "groups": int(dups["group_id"].nunique()) if len(dups) else 0,
@@ -550,4 +545,4 @@ class DedupeStage(Stage):
                 "unreadable_removed": int(hit.sum() - len(removed)),
             }
         )
-        return stats
+        return StageResult(stats=stats)

@@ -29,24 +29,26 @@ from pipeline.config import RunConfig
 from pipeline.evaluation.classify import (
     BOX_COLUMNS,
     ORIGINAL,
+    SECTION,
     TARGETS,
     accuracy,
     evaluation_sets,
-    merge_evaluation_metrics,
+    read_evaluation_metrics,
     set_name,
     table_metrics,
     with_boxes,
 )
 from pipeline.evaluation.quality import quality_metrics
+from pipeline.layout import RunLayout
 from pipeline.models.data import training_rows
+from pipeline.models.fit import augmentation, fit_all
+from pipeline.models.jobs import Job, member_params, predicted_probs
 from pipeline.models.train_loop import TrainParams
-from pipeline.stages.base import Resources, RunContext, Stage
-from pipeline.stages.train import Job, augmentation, fit_all, member_params, predicted_probs
+from pipeline.stages.base import RunContext, Stage, StageResult
 
 log = logging.getLogger("cropclean")
 
 STAGE = "evaluate"
-EVALUATE_DIR = "_evaluate"  # under OUT/models/: a name no ensemble member's folder can take by accident
 
 
 @dataclass
@@ -59,16 +61,13 @@ class EvalModel:
     sets: dict[str, slice] = field(default_factory=dict)
 
 
-def models_dir(out: str, name: str) -> str:
-    return storage.join(out, "models", EVALUATE_DIR, name)
-
-
 def outside_params(cfg: RunConfig, name: str, classes: int) -> TrainParams:
     """The outside classifier's training settings: its own architecture and selection rule
     (``evaluate.select_by``), everything else as the ensemble trains (epochs: ``evaluate.epochs``,
     default ``train.finetune_epochs``)."""
     e = cfg.evaluate
-    return member_params(cfg, e.member, name, classes, models_dir(cfg.out, name), select_by=e.select_by,
+    folder = RunLayout(cfg.out).evaluation_model_dir(name)
+    return member_params(cfg, e.member, name, classes, folder, select_by=e.select_by,
                          finetune_epochs=e.epochs or cfg.train.finetune_epochs)  # fmt: skip
 
 
@@ -144,11 +143,10 @@ def read_blacklisted(ctx: RunContext) -> set[str]:
 
 class EvaluateStage(Stage):
     name = STAGE
-    resources = Resources(cpus=1)
     # train: the outside classifier trains with the ensemble's settings; crop and blacklist: the data.
     config_sections: ClassVar[tuple[str, ...]] = ("evaluate", "train", "crop", "blacklist")
 
-    def run(self, ctx: RunContext) -> dict[str, Any]:
+    def run(self, ctx: RunContext) -> StageResult:
         cfg = ctx.cfg
         crops_uri = ctx.manifest("crops")
         if not storage.exists(crops_uri):
@@ -163,7 +161,8 @@ class EvaluateStage(Stage):
                                classes)  # fmt: skip
 
         augment = augmentation(cfg, cfg.evaluate.augment_crop_min)
-        results = fit_all([(m.job, m.val_rows) for m in plan.models], cfg, ctx, STAGE, augment)
+        results = fit_all([(m.job, m.val_rows) for m in plan.models], cfg, ctx.keys.get(STAGE, ""), STAGE,
+                          augment, ctx.faults)  # fmt: skip
 
         scores: list[dict[str, dict[str, float]]] = []
         for model in plan.models:
@@ -193,13 +192,12 @@ class EvaluateStage(Stage):
         quality = quality_metrics(ctx)
         if quality:
             values["quality"] = quality
-        merge_evaluation_metrics(cfg.out, values)
+        # Other parts keep keys of their own in the section (cropclean verdicts' review numbers).
+        section = {**read_evaluation_metrics(cfg.out), **values}
         keys = [
             f"top1_{s}"
             for s in ("original", *(f"cropped_{t}" for t in TARGETS.values()), "cropped_retrained")
         ]
-        return {
-            "test_images": plan.test_images,
-            **{k: values[k] for k in keys},
-            "sets": [ORIGINAL, *plan.fallback],
-        }
+        stats = {"test_images": plan.test_images, **{k: values[k] for k in keys},
+                 "sets": [ORIGINAL, *plan.fallback]}  # fmt: skip
+        return StageResult(stats=stats, metrics={SECTION: section})

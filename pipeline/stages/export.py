@@ -6,13 +6,12 @@ estimated number of wrong labels is cut; images that already have a verdict are 
 from __future__ import annotations
 
 import hashlib
-import json
-from typing import Any
 
-from pipeline import storage
+from pipeline import manifests, storage
 from pipeline.annotate.export import DEFAULT_IMAGE_PREFIX, write_blacklist_export
 from pipeline.config import RunConfig
-from pipeline.stages.base import RunContext, Stage
+from pipeline.layout import RunLayout
+from pipeline.stages.base import RunContext, Stage, StageResult
 
 
 class ExportStage(Stage):
@@ -23,18 +22,19 @@ class ExportStage(Stage):
 
     def config_key(self, cfg: RunConfig) -> str:
         h = hashlib.sha256(self.image_prefix.encode())
-        for name in ("manifests/blacklist.parquet", "models/classes.json"):
-            uri = storage.join(cfg.out, name)
+        layout = RunLayout(cfg.out)
+        for uri in (layout.manifest("blacklist"), layout.classes):
             h.update(storage.read_bytes(uri) if storage.exists(uri) else b"-")
-        verdicts = storage.join(cfg.out, "manifests", "overrides.parquet")
+        verdicts = layout.manifest("overrides")
         if storage.exists(verdicts):  # images with a verdict are left out; a run without keeps its key
             h.update(storage.read_bytes(verdicts))
         return h.hexdigest()[:16]
 
-    def run(self, ctx: RunContext) -> dict[str, Any]:
-        classes = json.loads(storage.read_text(ctx.uri("models", "classes.json")))
+    def run(self, ctx: RunContext) -> StageResult:
+        classes = manifests.read_classes(ctx.layout.classes)
         written = write_blacklist_export(ctx.out, classes, self.image_prefix)
         # A withheld list is not exported here; `cropclean export OUT --force` does it on purpose.
-        return {"rows": written["rows"], "files": sorted(written["files"].values()),
-                "refused": written["refused"], "withheld": written["withheld"], "message": written["message"],
-                "warnings": written["warnings"], "reviewed": written["reviewed"]}  # fmt: skip
+        stats = {"rows": written["rows"], "files": sorted(written["files"].values()),
+                 "refused": written["refused"], "withheld": written["withheld"],
+                 "message": written["message"], "reviewed": written["reviewed"]}  # fmt: skip
+        return StageResult(stats=stats, errors=list(written["warnings"]))

@@ -27,24 +27,16 @@ from pipeline.crawl.fetch import Fetcher, FetchParams, detail_text
 from pipeline.crawl.guard import NetworkGuard
 from pipeline.faults import FaultPlan
 from pipeline.imaging import Normalized, NormalizeParams, normalize_bytes
+from pipeline.layout import blob_path
 from pipeline.reasons import RETRYABLE, Reason, Status
 from pipeline.resources import alive_nodes, require_task_cpus
+from pipeline.resume import KeyedFolder
 from pipeline.sources import decode_locator
 from pipeline.sources.locators import inside, is_http, source_roots
-from pipeline.stages.base import Resources, RunContext, Stage, drain
-from pipeline.stages.sources import candidates_uri
+from pipeline.stages.base import RunContext, Stage, StageResult, drain
 
 _CARRIED = ("image_id", "source", "source_key", "url", "page_url", "query", "engine", "rank", "license",
             "label", "split")  # fmt: skip
-
-
-def images_uri(ctx: RunContext) -> str:
-    return storage.join(ctx.stage_dir(NormalizeStage.name), "images.parquet")
-
-
-def blob_path(sha256: str) -> str:
-    """Where a normalized image lives, relative to the run's output URI (content-addressed)."""
-    return f"blobs/{sha256[:2]}/{sha256}.jpg"
 
 
 def fetcher_for(cfg: FetchConfig) -> Fetcher:
@@ -193,10 +185,9 @@ def is_final(rows: pd.DataFrame, max_attempts: int) -> pd.Series:
 
 class NormalizeStage(Stage):
     name = "normalize"
-    resources = Resources(cpus=1)
     config_sections: ClassVar[tuple[str, ...]] = ("normalize", "fetch")
 
-    def run(self, ctx: RunContext) -> dict[str, Any]:
+    def run(self, ctx: RunContext) -> StageResult:
         import ray
 
         cfg, fetch = ctx.cfg.normalize, ctx.cfg.fetch
@@ -204,10 +195,11 @@ class NormalizeStage(Stage):
             min_side=cfg.min_side, max_pixels=cfg.max_pixels, target_side=cfg.target_side,
             resize_side=cfg.resize_side, upscale=cfg.upscale, jpeg_quality=cfg.jpeg_quality,
         )  # fmt: skip
-        cands = manifests.read_table(candidates_uri(ctx))
+        cands = manifests.read_table(ctx.layout.candidates)
         # Keyed by the normalize settings only: rows stay valid when the candidate list grows (a search
         # that resumes) or when fetch settings change (more attempts allowed).
-        ledger_dir = storage.join(ctx.stage_dir(self.name), f"ledger-{ctx.cfg.section_hash('normalize')}")
+        ledger = KeyedFolder.named(ctx.stage_dir(self.name), "ledger", ctx.cfg.section_hash("normalize"))
+        ledger_dir = ledger.uri
         before = read_ledger(ledger_dir)
         done = set(before.loc[is_final(before, fetch.max_attempts), "image_id"])
         tried = before.set_index("image_id")["attempts"]
@@ -235,13 +227,13 @@ class NormalizeStage(Stage):
                         "roots": source_roots(ctx.cfg.sources),
                     },
                     # A whole CPU each, or what the largest node has when less; none at all: a one-line error.
-                    num_cpus=require_task_cpus(self.name, alive_nodes(), self.resources.cpus),
+                    num_cpus=require_task_cpus(self.name, alive_nodes(), 1.0),
                 )
             )
 
         latest = read_ledger(ledger_dir).set_index("image_id")
         images = latest.loc[ids].reset_index()  # candidate order
-        table = manifests.write_manifest("images", images, images_uri(ctx))
+        table = manifests.write_manifest("images", images, ctx.layout.normalized_images)
         final = is_final(images, fetch.max_attempts)
         status = images["status"].value_counts()
         fingerprint = hashlib.sha256(
@@ -249,9 +241,10 @@ class NormalizeStage(Stage):
                 images[["image_id", "status", "reason", "sha256", "attempts"]], index=False
             ).values
         ).hexdigest()[:16]
-        return {
+        stats = {
             "images": table.num_rows, "processed": len(todo_idx), "reused": len(ids) - len(todo_idx),
             "shards": len(shards), "ok": int(status.get("ok", 0)), "rejected": int(status.get("rejected", 0)),
-            "failed": int(status.get("failed", 0)), "retry_later": int((~final).sum()),
-            "incomplete": bool((~final).any()), "fingerprint": fingerprint,
+            "failed": int(status.get("failed", 0)),
         }  # fmt: skip
+        return StageResult(stats=stats, fingerprint=fingerprint, incomplete=bool((~final).any()),
+                           retry_later=int((~final).sum()))  # fmt: skip

@@ -12,7 +12,6 @@ predictions pre-filled, to a Label Studio file under ``export/`` (``pipeline.ann
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,15 +20,16 @@ import pandas as pd
 import torch
 
 from pipeline import manifests, storage
+from pipeline.actor_pool import map_with_pool
 from pipeline.annotate import labelstudio
 from pipeline.annotate.export import DEFAULT_IMAGE_PREFIX, export_dir, write_csv, write_json
 from pipeline.config import RunConfig
 from pipeline.crop.localize import FCNEnsemble, load_classifier, whole_image_probs
+from pipeline.layout import DONE_FILE, RunLayout
 from pipeline.models.data import load_rgb, normalize
 from pipeline.reasons import Reason, Status
-from pipeline.stages.base import Resources, RunContext, Stage
-from pipeline.stages.dedupe import images_uri as deduped_images_uri
-from pipeline.stages.train import model_dir
+from pipeline.resume import KeyedFolder
+from pipeline.stages.base import RunContext, Stage, StageResult, drain
 
 PRELABEL_TASKS = "prelabels-labelstudio.json"
 PRELABEL_CSV = "prelabels.csv"
@@ -41,6 +41,7 @@ class PredictSettings:
     """What an actor needs; plain data, shipped to every actor."""
 
     out: str  # this run: the images
+    parts: KeyedFolder  # where each batch's rows go (the stage resumes from them)
     model_dirs: list[str]  # the trained run's full-data members
     classes: list[str]
     step: float
@@ -62,6 +63,12 @@ class PredictWorker:
         self.fcn = FCNEnsemble(self.models, settings.step, settings.max_scale, settings.early_stop)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """Pre-label the batch and write its rows as one part file; returns the rows' ids."""
+        rows = self.prelabel(batch)
+        manifests.write_manifest("prelabels", rows, self.s.parts.new_part("prelabels"))
+        return rows[["image_id"]]
+
+    def prelabel(self, batch: pd.DataFrame) -> pd.DataFrame:
         pictures = [np.asarray(load_rgb(storage.join(self.s.out, p))) for p in batch["path"]]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, pic in enumerate(pictures):
@@ -103,8 +110,10 @@ class PredictWorker:
 
 
 class PredictStage(Stage):
+    """Pre-label this run's images with the ensemble of another, trained run (``models``: its OUT).
+    Batches land in part files as they finish: an interrupted run resumes with the images that have none."""
+
     name = "predict"
-    resources = Resources(cpus=1)
 
     def __init__(
         self, models: str, threshold: float = 0.99, image_prefix: str = DEFAULT_IMAGE_PREFIX
@@ -114,51 +123,49 @@ class PredictStage(Stage):
         self.models, self.threshold, self.image_prefix = models, threshold, image_prefix
 
     def model_dirs(self, cfg: RunConfig) -> list[str]:
-        return [model_dir(self.models, m.label, None) for m in cfg.train.members]
+        trained = RunLayout(self.models)
+        return [trained.model_dir(m.label) for m in cfg.train.members]
 
     def config_key(self, cfg: RunConfig) -> str:
         """The crop settings, the threshold and the trained models themselves (their completion records)."""
         h = hashlib.sha256(f"{cfg.section_hash('crop')}|{self.threshold}|{self.image_prefix}".encode())
-        for uri in [storage.join(self.models, "models", "classes.json"),
-                    *(storage.join(d, "_COMPLETE.json") for d in self.model_dirs(cfg))]:  # fmt: skip
+        for uri in [RunLayout(self.models).classes,
+                    *(storage.join(d, DONE_FILE) for d in self.model_dirs(cfg))]:  # fmt: skip
             h.update(storage.read_bytes(uri) if storage.exists(uri) else b"-")
         return h.hexdigest()[:16]
 
-    def run(self, ctx: RunContext) -> dict[str, Any]:
-        import ray
-
-        from pipeline.resources import alive_nodes
-        from pipeline.stages.crop import batch_blocks, crop_actors, use_gpu
-
+    def run(self, ctx: RunContext) -> StageResult:
         cfg = ctx.cfg
-        classes = json.loads(storage.read_text(storage.join(self.models, "models", "classes.json")))
-        images = manifests.read_manifest("images", deduped_images_uri(ctx))
+        classes = manifests.read_classes(RunLayout(self.models).classes)
+        images = manifests.read_manifest("images", ctx.layout.deduped_images)
         manifests.write_manifest("images", images, ctx.manifest("images"))
         ok = images[images["status"] == Status.OK]
+        parts = ctx.parts(self.name)
         settings = PredictSettings(
-            out=ctx.out, model_dirs=self.model_dirs(cfg), classes=classes, step=cfg.crop.scale_factor,
-            max_scale=cfg.crop.max_scale, early_stop=cfg.crop.early_stop, mode=cfg.crop.mode,
-            threshold=self.threshold, threads=max(1, int(cfg.crop.cpus_per_actor)),
+            out=ctx.out, parts=parts, model_dirs=self.model_dirs(cfg), classes=classes,
+            step=cfg.crop.scale_factor, max_scale=cfg.crop.max_scale, early_stop=cfg.crop.early_stop,
+            mode=cfg.crop.mode, threshold=self.threshold, threads=max(1, int(cfg.crop.cpus_per_actor)),
         )  # fmt: skip
+        done = set(parts.read_parts("prelabels").get("image_id", []))
         columns = ["image_id", "source_key", "path", "width", "height"]
-        frame = ok[columns].sort_values(["width", "height"]).reset_index(drop=True)  # batches of one size
-        for member_dir in settings.model_dirs:  # another run's folder: a bad checkpoint is one line naming it
-            load_classifier(member_dir)  # here, not in an actor, whose failure Ray reports without its cause
-        gpu = use_gpu(cfg)
-        actors = crop_actors(cfg, alive_nodes(), gpu, self.name)
-        ds = ray.data.from_pandas(batch_blocks(frame, cfg.crop.batch_size)).map_batches(
-            PredictWorker, fn_constructor_kwargs={"settings": settings}, batch_size=cfg.crop.batch_size,
-            batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=cfg.crop.cpus_per_actor, num_gpus=cfg.crop.gpus_per_actor if gpu else 0,
-        )  # fmt: skip
-        empty = pd.DataFrame(columns=manifests.load_schema("prelabels").names)
-        rows = ds.to_pandas() if len(frame) else empty
+        todo = ok.loc[~ok["image_id"].isin(done), columns]
+        frame = todo.sort_values(["width", "height"]).reset_index(drop=True)  # batches of one size
+        if len(frame):
+            for member_dir in settings.model_dirs:  # another run's folder: a bad checkpoint is one line
+                load_classifier(member_dir)  # naming it, here, not in an actor (Ray reports no cause)
+            drain(map_with_pool(frame, PredictWorker, settings, cfg.crop, self.name))
+        rows = parts.read_parts("prelabels")
+        if rows.empty:
+            rows = pd.DataFrame(columns=manifests.load_schema("prelabels").names)
+        rows = rows.drop_duplicates("image_id")
         rows = rows.sort_values(["unsure", "confidence"], ascending=[True, False]).reset_index(drop=True)
         manifests.write_manifest("prelabels", rows, ctx.manifest("prelabels"))
         self.write_export(ctx.out, rows, classes)
         counts = rows["predicted_label"].value_counts().sort_index()
-        return {"images": len(rows), "unsure": int(rows["unsure"].sum()), "threshold": self.threshold,
-                "predicted": {str(k): int(v) for k, v in counts.items()}}  # fmt: skip
+        stats = {"images": len(rows), "processed": len(frame), "reused": len(rows) - len(frame),
+                 "unsure": int(rows["unsure"].sum()), "threshold": self.threshold,
+                 "predicted": {str(k): int(v) for k, v in counts.items()}}  # fmt: skip
+        return StageResult(stats=stats)
 
     def write_export(self, out: str, rows: pd.DataFrame, classes: list[str]) -> None:
         """The prelabels for annotators: Label Studio tasks with label and crop pre-filled, and a CSV."""

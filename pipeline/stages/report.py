@@ -6,17 +6,14 @@ runner chains the stages' keys); thumbnails and overlays already drawn are reuse
 
 from __future__ import annotations
 
-from typing import Any
-
 from pipeline.report import build_report
-from pipeline.stages.base import Resources, RunContext, Stage
+from pipeline.stages.base import RunContext, Stage, StageResult
 
 
 class ReportStage(Stage):
     name = "report"
-    resources = Resources(cpus=1)
 
-    def run(self, ctx: RunContext) -> dict[str, Any]:
+    def run(self, ctx: RunContext) -> StageResult:
         result = build_report(ctx.out)
-        return {"index": result.index, "pages": result.pages, "thumbnails": result.thumbnails,
-                "heatmaps": result.heatmaps}  # fmt: skip
+        return StageResult(stats={"index": result.index, "pages": result.pages,
+                                  "thumbnails": result.thumbnails, "heatmaps": result.heatmaps})  # fmt: skip

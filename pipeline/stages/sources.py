@@ -9,34 +9,17 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from pipeline import manifests, storage
+from pipeline import manifests
 from pipeline.crawl.providers import ProviderError
 from pipeline.names import label_problem, split_problem
 from pipeline.reasons import Reason
 from pipeline.sources import Candidate, iter_candidates
 from pipeline.sources.search import SearchStopped
-from pipeline.stages.base import RunContext, Stage
+from pipeline.stages.base import RunContext, Stage, StageResult
 
 log = logging.getLogger("cropclean")
 
-CANDIDATE_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("source", pa.string()),
-        ("source_key", pa.string()),
-        ("locator", pa.binary()),
-        ("label", pa.string()),
-        ("split", pa.string()),
-        ("url", pa.string()),
-        ("page_url", pa.string()),
-        ("query", pa.string()),
-        ("engine", pa.string()),
-        ("rank", pa.int32()),
-        ("license", pa.string()),
-        ("reason", pa.string()),  # refused at the source (pipeline/sources Candidate.reason)
-        ("detail", pa.string()),
-    ]
-)
+CANDIDATE_SCHEMA = manifests.load_schema("candidates").arrow_schema()
 
 
 def image_id_for(source: str, source_key: str) -> str:
@@ -62,19 +45,15 @@ def checked(c: Candidate) -> Candidate:
     return replace(cleared, reason=reason, detail="; ".join(found))
 
 
-def candidates_uri(ctx: RunContext) -> str:
-    return storage.join(ctx.stage_dir(SourcesStage.name), "candidates.parquet")
-
-
 class SourcesStage(Stage):
     name = "sources"
     config_sections: ClassVar[tuple[str, ...]] = ("sources",)
 
-    def run(self, ctx: RunContext) -> dict[str, Any]:
+    def run(self, ctx: RunContext) -> StageResult:
         cols: dict[str, list[Any]] = {f.name: [] for f in CANDIDATE_SCHEMA}
         per_source: dict[str, int] = {}
         errors: list[str] = []
-        cache = ctx.uri("cache", "search")
+        cache = ctx.layout.search_cache
         for src in ctx.cfg.sources:
             try:
                 for c in map(checked, iter_candidates(src, cache)):
@@ -89,7 +68,7 @@ class SourcesStage(Stage):
             raise ProviderError("; ".join(errors))
         # Readers yield in a deterministic order (sorted listings, list order), which is "first seen".
         table = pa.table(cols, schema=CANDIDATE_SCHEMA)
-        manifests.write_table_atomic(table, candidates_uri(ctx))
+        manifests.write_manifest("candidates", table, ctx.layout.candidates)
         fingerprint = hashlib.sha256("\n".join(cols["image_id"]).encode()).hexdigest()[:16]
-        return {"candidates": table.num_rows, "per_source": per_source, "errors": errors,
-                "incomplete": bool(errors), "fingerprint": fingerprint}  # fmt: skip
+        return StageResult(stats={"candidates": table.num_rows, "per_source": per_source},
+                           fingerprint=fingerprint, incomplete=bool(errors), errors=errors)  # fmt: skip

@@ -13,7 +13,7 @@ or ``bad_split``, so that the images manifest this stage writes holds no such na
 from __future__ import annotations
 
 import hashlib
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -23,8 +23,8 @@ from pipeline.annotate.verdicts import apply_overrides, digest, read_overrides
 from pipeline.config import RunConfig
 from pipeline.names import id_problem, label_problem, split_problem
 from pipeline.reasons import Reason, Status
-from pipeline.stages.base import RunContext, Stage
-from pipeline.stages.dedupe import images_uri as deduped_images_uri
+from pipeline.stages.base import RunContext, Stage, StageResult
+from pipeline.summary import ingest_summary
 
 
 def hash_rank(image_ids: pd.Series, salt: str) -> pd.Series:
@@ -89,9 +89,9 @@ class SplitStage(Stage):
         applied = digest(read_overrides(cfg.out), self.verdicts)
         return key if applied is None else f"{key}+verdicts={applied}"
 
-    def run(self, ctx: RunContext) -> dict[str, Any]:
+    def run(self, ctx: RunContext) -> StageResult:
         cfg, bal = ctx.cfg.split, ctx.cfg.balance
-        images = manifests.read_manifest("images", deduped_images_uri(ctx))
+        images = manifests.read_manifest("images", ctx.layout.deduped_images)
         images, bad_names = refuse_bad_names(images)
         ok = images["status"] == Status.OK
         unlabeled = ok & images["label"].isna()
@@ -148,7 +148,7 @@ class SplitStage(Stage):
         images, relabelled_bad = refuse_bad_names(images)  # a relabel to a name that cannot be a folder
         manifests.write_manifest("images", images, ctx.manifest("images"))
         final = images[images["status"] == Status.OK]
-        return {
+        stats = {
             "ok": len(final),
             "per_split": final["split"].value_counts().sort_index().to_dict(),
             "classes": int(final["label"].nunique()),
@@ -157,3 +157,5 @@ class SplitStage(Stage):
             "verdicts": applied,
             "bad_names": bad_names + relabelled_bad,
         }
+        # The ingest's summary (statuses, reasons, duplicate groups, classes per split) from its manifests.
+        return StageResult(stats=stats, metrics={"ingest": ingest_summary(ctx.out)})

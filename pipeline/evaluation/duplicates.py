@@ -1,4 +1,5 @@
-"""Quality against ground truth (generated data records true labels, boxes and duplicate groups)."""
+"""Duplicate detection against ground truth: generated data (``pipeline/synth.py``) records which files
+are copies of which original; these score the pairs a run's dedupe found against those true pairs."""
 
 from __future__ import annotations
 
