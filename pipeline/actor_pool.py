@@ -69,8 +69,10 @@ def map_with_pool(frame: pd.DataFrame, worker: type, settings: Any, c: CropConfi
     import ray
 
     gpu = use_gpu(c.use_gpu)
-    actors = pool_size(c, alive_nodes(), gpu, stage)
-    return ray.data.from_pandas(batch_blocks(frame, c.batch_size)).map_batches(
+    blocks = batch_blocks(frame, c.batch_size)
+    # No more actors than batches: the others would start (a model load each) and never get work.
+    actors = min(pool_size(c, alive_nodes(), gpu, stage), len(blocks))
+    return ray.data.from_pandas(blocks).map_batches(
         worker, fn_constructor_kwargs={"settings": settings}, batch_size=c.batch_size,
         batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor if gpu else 0,

@@ -201,13 +201,28 @@ def test_table_iv_on_oracle_crops(oracle_run):
     assert again.ran == []  # resume: everything was finished
 
 
-def test_metrics_merge_keeps_other_parts(tmp_path):
-    from pipeline.evaluation import merge_evaluation_metrics
+def test_the_runner_writes_each_stages_metrics_sections_and_keeps_the_others(ray_local, tmp_path):
+    """A stage returns its metrics.json sections; the runner writes them, replacing only those sections,
+    and a stage found complete writes nothing."""
+    from pipeline.stages.base import RunContext, Stage, StageResult
     from pipeline.summary import update_metrics
 
-    update_metrics(str(tmp_path), "training", {"classes": 3})
-    merge_evaluation_metrics(str(tmp_path), {"blacklist": {"precision": 0.5}})
-    merge_evaluation_metrics(str(tmp_path), {"top1_original": 0.4})
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["training"] == {"classes": 3}
-    assert metrics["evaluation"] == {"blacklist": {"precision": 0.5}, "top1_original": 0.4}
+    class Numbers(Stage):
+        name = "numbers"
+
+        def run(self, ctx: RunContext) -> StageResult:
+            return StageResult(stats={"n": 1}, metrics={"evaluation": {"top1_original": 0.4}})
+
+    cfg = ingest_config(tmp_path / "data", tmp_path / "run")
+    update_metrics(cfg.out, "training", {"classes": 3})
+    update_metrics(cfg.out, "evaluation", {"stale": True})
+    assert run_stages(cfg, [Numbers()]).ran == ["numbers"]
+    path = tmp_path / "run" / "metrics.json"
+    expected = {"training": {"classes": 3}, "evaluation": {"top1_original": 0.4}}
+    assert json.loads(path.read_text()) == expected
+    marker = json.loads((tmp_path / "run" / "stages" / "numbers" / "_COMPLETE.json").read_text())
+    assert marker["stats"] == {"n": 1} and marker["final"] is True
+    update_metrics(cfg.out, "review", {"reviewed": 2})
+    again = run_stages(cfg, [Numbers()])
+    assert again.skipped == ["numbers"] and again.results["numbers"].stats == {"n": 1}
+    assert json.loads(path.read_text()) == {**expected, "review": {"reviewed": 2}}

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.summary import read_metrics, update_metrics
+from pipeline.summary import read_metrics
 
 SECTION = "evaluation"
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")  # crops.parquet's box (the columns the image decoder crops to)
@@ -110,14 +110,6 @@ def table_metrics(
 def read_evaluation_metrics(out: str) -> dict[str, Any]:
     """The ``evaluation`` section of OUT/metrics.json (empty when there is none yet)."""
     return dict(read_metrics(out).get(SECTION) or {})
-
-
-def merge_evaluation_metrics(out: str, values: dict[str, Any]) -> dict[str, Any]:
-    """Set ``values``' keys in the ``evaluation`` section, keeping the keys other parts wrote there (the
-    blacklist's quality numbers are computed elsewhere); returns the merged section."""
-    merged = {**read_evaluation_metrics(out), **values}
-    update_metrics(out, SECTION, merged)
-    return merged
 
 
 def _pct(value: Any) -> str:
