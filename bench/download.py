@@ -298,10 +298,11 @@ def _timed(cmd: list[str], env: dict[str, str], log: Path, tag: str | None = Non
 # --- the two tools ------------------------------------------------------------------------------------
 
 
-def run_ours(urls: Path, n: int, side: int, concurrency: int, shard_size: int, server: Server) -> dict:
+def run_ours(urls: Path, n: int, side: int, concurrency: int, shard_size: int, server: Server,
+             task_cpus: float = 1.0, resample: str = "lanczos") -> dict:  # fmt: skip
     import pandas as pd
 
-    name = f"ours-c{concurrency}-s{shard_size}"
+    name = f"ours-c{concurrency}-s{shard_size}-t{task_cpus:g}-{resample}"
     out = WORK / name
     shutil.rmtree(out, ignore_errors=True)
     ray_tmp = tempfile.mkdtemp(prefix="ccdl-", dir="/tmp")  # short: Ray's socket paths must stay short
@@ -311,7 +312,8 @@ def run_ours(urls: Path, n: int, side: int, concurrency: int, shard_size: int, s
         "--allow-network", "127.0.0.1/32", "--preset", "cpu-small",
         "--set", f"normalize.target_side={side}", "--set", "balance.min_per_class=0",
         "--set", f"fetch.concurrency={concurrency}", "--set", f"fetch.per_host={concurrency}",
-        "--set", f"normalize.shard_size={shard_size}",
+        "--set", f"normalize.shard_size={shard_size}", "--set", f"normalize.task_cpus={task_cpus}",
+        "--set", f"normalize.resample={resample}",
     ]  # fmt: skip
     cpu0 = server.cpu_seconds()
     wall, code, stats = _timed(cmd, env, WORK / f"{name}.log", tag=ray_tmp)
@@ -325,7 +327,8 @@ def run_ours(urls: Path, n: int, side: int, concurrency: int, shard_size: int, s
     stage_s = stages.get("normalize")
     return {
         "tool": "cropclean", "name": name, "exit_code": code, "concurrency": concurrency,
-        "per_host": concurrency, "shard_size": shard_size, "urls": n, "ok": ok, "success_rate": ok / n,
+        "per_host": concurrency, "shard_size": shard_size, "task_cpus": task_cpus, "resample": resample,
+        "urls": n, "ok": ok, "success_rate": ok / n,
         "wall_s": round(wall, 2), "images_per_s": round(ok / wall, 1),
         "stage_s": stage_s, "stage_images_per_s": round(ok / stage_s, 1) if stage_s else None,
         "stages_s": stages, "outside_stages_s": round(wall - sum(stages.values()), 2),
@@ -375,14 +378,15 @@ def _other_share(r: dict) -> float:
 
 def _row(r: dict) -> str:
     setting = (
-        f"concurrency=per_host={r['concurrency']}, shard_size={r['shard_size']}"
+        f"c=per_host={r['concurrency']}, shard={r['shard_size']}, task_cpus={r['task_cpus']:g}, "
+        f"{r['resample']}"
         if r["tool"] == "cropclean"
         else f"processes=2, threads={r['thread_count']}"
     )
     stage = f"{r['stage_s']:.1f}" if r["stage_s"] else "-"
     stage_rate = f"{r['stage_images_per_s']:.0f}" if r["stage_images_per_s"] else "-"
     return (
-        f"{r['tool']:<12} {setting:<40} {r['wall_s']:>7.1f} {r['images_per_s']:>7.0f} {stage:>7} "
+        f"{r['tool']:<12} {setting:<48} {r['wall_s']:>7.1f} {r['images_per_s']:>7.0f} {stage:>7} "
         f"{stage_rate:>7} {r['success_rate']:>8.4f} {r['peak_rss_mib']:>8} {r['peak_pss_mib']:>8} "
         f"{r['cpu_s']:>7.1f} {r['server_cpu_s']:>7.1f} {r['other_cpu_s']:>7.1f}"
     )
@@ -395,7 +399,10 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=10_000, help="URLs (all distinct)")
     ap.add_argument("--side", type=int, default=128, help="resize target: short side, px")
     ap.add_argument("--ours", nargs="+", default=["32x256", "32x1024", "8x1024"],
-                    help="cropclean settings, CONCURRENCYxSHARD_SIZE (per_host = concurrency)")  # fmt: skip
+                    help="cropclean settings, CONCURRENCYxSHARD_SIZE[xTASK_CPUS] (per_host = concurrency; "
+                    "normalize.task_cpus, default 1)")  # fmt: skip
+    ap.add_argument("--resample", choices=["lanczos", "bicubic"], default="lanczos",
+                    help="cropclean's normalize.resample")  # fmt: skip
     ap.add_argument("--threads", nargs="+", type=int, default=[256, 32], help="img2dataset thread counts")
     ap.add_argument("--repeats", type=int, default=3,
                     help="most runs per setting while others use over 10%% of the CPUs")  # fmt: skip
@@ -428,8 +435,10 @@ def main() -> int:
             results.append(best | {"tries": len(tries)})
 
         for setting in args.ours:
-            c, shard = (int(x) for x in setting.split("x"))
-            measure(lambda c=c, shard=shard: run_ours(urls, args.n, args.side, c, shard, server))
+            c, shard, *share = setting.split("x")
+            task = float(share[0]) if share else 1.0
+            measure(lambda c=int(c), shard=int(shard), task=task: run_ours(
+                urls, args.n, args.side, c, shard, server, task, args.resample))  # fmt: skip
         if args.peer_python:
             for t in args.threads:
                 measure(lambda t=t: run_peer(args.peer_python, urls_only, args.n, args.side, t, server))

@@ -80,10 +80,21 @@ def run_pipeline(cfg: RunConfig, name: str, faults: FaultPlan | None = None) -> 
 
 def run_one_stage(cfg: RunConfig, name: str, faults: FaultPlan | None = None) -> RunReport:
     """Run stage ``name`` alone on a run whose earlier stages are complete under ``cfg``, even when it
-    is complete itself; later stages do not run."""
+    is complete itself; later stages do not run. The earlier stages are those of the shortest pipeline
+    that holds the stage and whose stages before it are all complete (``cropclean crop`` writes the
+    export after crop, ``clean`` after evaluate: the stage's key follows the run's own history)."""
+    from pipeline.runner import IncompleteInputs, first_incomplete, run_stages
+
     if name not in STAGES:
         raise ConfigError(f"no stage named {name!r}; stages: {', '.join(STAGES)}")
-    from pipeline.runner import run_stages
-
-    order = PIPELINES["clean"]
-    return run_stages(cfg, stages(order[: order.index(name) + 1]), faults, only=name)
+    missing = []
+    for order in sorted((p for p in PIPELINES.values() if name in p), key=len):
+        chosen = stages(order[: order.index(name) + 1])
+        gap = first_incomplete(cfg, chosen, name)
+        if gap is None:
+            return run_stages(cfg, chosen, faults, only=name)
+        missing.append(gap)
+    raise IncompleteInputs(
+        f"stage {name}: stage {missing[0]} before it is not complete for this config in {cfg.out}; run the "
+        f"pipeline first (cropclean clean, or cropclean run CONFIG)"
+    )

@@ -14,6 +14,7 @@ from typing import Any
 from pipeline import progress, storage
 from pipeline.config import ConfigError, RayConfig, RunConfig
 from pipeline.faults import FaultPlan
+from pipeline.layout import RunLayout
 from pipeline.resources import amounts
 from pipeline.stages.base import RunContext, Stage, StageResult
 from pipeline.summary import update_metrics
@@ -23,6 +24,7 @@ log = logging.getLogger("cropclean")
 
 
 RAY_LOG = "ray.log"
+_RAY_LOG_HANDLER = "cropclean-ray-log"
 
 
 def ensure_ray(cfg: RayConfig, logs: str | None = None) -> None:
@@ -68,11 +70,15 @@ def route_ray_logs(logs: str) -> str | None:
     path = os.path.join(folder, RAY_LOG)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.set_name(_RAY_LOG_HANDLER)
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logger = logging.getLogger(name)
-        for old in list(logger.handlers):
-            if isinstance(old, logging.StreamHandler) and not isinstance(old, logging.FileHandler):
+        for old in list(logger.handlers):  # the console's, and an earlier run's file in this process
+            console = isinstance(old, logging.StreamHandler) and not isinstance(old, logging.FileHandler)
+            if console or old.get_name() == _RAY_LOG_HANDLER:
                 logger.removeHandler(old)
+                if not console:
+                    old.close()
         logger.addHandler(handler)
         logger.propagate = False
     return path
@@ -151,6 +157,21 @@ def _from_marker(marker: dict[str, Any]) -> StageResult:
 
 class IncompleteInputs(ConfigError):
     """A stage was asked to run alone, but a stage before it is not complete under this config."""
+
+
+def first_incomplete(cfg: RunConfig, stages: Sequence[Stage], before: str) -> str | None:
+    """The first of ``stages`` ahead of stage ``before`` that is not complete under ``cfg`` (its marker's
+    key, chained as ``run_stages`` chains it), or None when all of them are. Reads markers only."""
+    layout, chain = RunLayout(cfg.out), ""
+    for stage in stages:
+        if stage.name == before:
+            return None
+        chain = f"{chain}|{stage.name}={stage.config_key(cfg)}"
+        marker = _read_marker(layout.stage_marker(stage.name))
+        if not (marker and marker.get("key") == storage_key(chain) and marker.get("final", True)):
+            return stage.name
+        chain += f"#{marker.get('fingerprint', '')}"
+    return None
 
 
 def run_stages(cfg: RunConfig, stages: Sequence[Stage], faults: FaultPlan | None = None,

@@ -194,6 +194,7 @@ class NormalizeStage(Stage):
         params = NormalizeParams(
             min_side=cfg.min_side, max_pixels=cfg.max_pixels, target_side=cfg.target_side,
             resize_side=cfg.resize_side, upscale=cfg.upscale, jpeg_quality=cfg.jpeg_quality,
+            resample=cfg.resample,
         )  # fmt: skip
         cands = manifests.read_table(ctx.layout.candidates)
         # Keyed by the normalize settings only: rows stay valid when the candidate list grows (a search
@@ -213,6 +214,7 @@ class NormalizeStage(Stage):
             for n, start in enumerate(range(0, todo.num_rows, cfg.shard_size))
         ]
         if shards:
+            task_share = require_task_cpus(self.name, alive_nodes(), cfg.task_cpus, "normalize.task_cpus")
             drain(
                 ray.data.from_items(shards, override_num_blocks=len(shards)).map(
                     run_shard,
@@ -226,8 +228,8 @@ class NormalizeStage(Stage):
                         "faults": ctx.faults,
                         "roots": source_roots(ctx.cfg.sources),
                     },
-                    # A whole CPU each, or what the largest node has when less; none at all: a one-line error.
-                    num_cpus=require_task_cpus(self.name, alive_nodes(), 1.0),
+                    # normalize.task_cpus each, or what the largest node has; none at all: one line.
+                    num_cpus=task_share,
                 )
             )
 
