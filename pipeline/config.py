@@ -112,9 +112,10 @@ class NormalizeConfig(_Section):
     jpeg_quality: int = Field(90, ge=1, le=100, description="Quality of the re-encoded JPEG blobs.")
     shard_size: int = Field(512, ge=1, description="Images per task; also the unit of resume.")
     task_cpus: float = Field(
-        1.0, ge=0.25, le=64,
+        0.5, ge=0.25, le=64,
         description="CPUs each normalize task asks Ray for. Below 1, several tasks share a core: each is a "
-        "process with a GIL of its own, so more of the fetch threads' Python runs at once.",
+        "process with a GIL of its own, so more of the fetch threads' Python runs at once (0.5: two per "
+        "core, 1.44x the downloads per second of 1 in bench/download.py; 0.25 was slower).",
     )  # fmt: skip
     resample: Literal["lanczos", "bicubic"] = Field(
         "lanczos", description="Filter of the final resize (after a reduced-scale JPEG decode)."
