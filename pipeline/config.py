@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -30,6 +30,11 @@ def absolute_local(uri: str | None) -> str | None:
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # Left out of the hashes that key completion and resume (section_hash): settings that change how the
+    # work is scheduled, not what it produces; and settings added after runs were made, while they keep
+    # the value those runs had (so that those runs keep their keys and their finished work).
+    _unhashed: ClassVar[frozenset[str]] = frozenset()
+    _hashed_unless: ClassVar[dict[str, Any]] = {}
 
 
 class SourceConfig(_Section):
@@ -101,6 +106,9 @@ class RayConfig(_Section):
 
 
 class NormalizeConfig(_Section):
+    _unhashed: ClassVar[frozenset[str]] = frozenset({"task_cpus"})
+    _hashed_unless: ClassVar[dict[str, Any]] = {"resample": "lanczos"}
+
     min_side: int = Field(64, ge=1, description="Reject images whose short side is below this (after EXIF).")
     max_pixels: int = Field(50_000_000, ge=1, description="Reject larger images as decompression bombs.")
     max_bytes: int = Field(
@@ -470,6 +478,9 @@ class RunConfig(_Section):
 
 
 def _dump(value: Any) -> Any:
+    if isinstance(value, _Section):
+        doc = value.model_dump(mode="json", exclude=set(value._unhashed))
+        return {k: v for k, v in doc.items() if value._hashed_unless.get(k, object()) != v}
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     if isinstance(value, list):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import yaml
 
@@ -90,6 +93,22 @@ def test_section_hash_tracks_only_its_sections():
     b = build_config(dict(BASE), sets=["dedupe.radius=5"])
     assert a.section_hash("normalize") == b.section_hash("normalize")
     assert a.section_hash("dedupe") != b.section_hash("dedupe")
+
+
+def test_scheduling_settings_and_later_settings_at_their_old_value_keep_the_keys():
+    """normalize.task_cpus changes how downloads are scheduled, not what they give: the normalize key (and
+    its per-URL ledger) stays. normalize.resample came later: at its default, runs made before it keep
+    their keys and finished downloads; set to another filter, the images change and so does the key."""
+    doc = {"sources": [{"uri": "/data"}], "out": "/out"}
+    base = build_config(doc, preset="cpu-small")
+    assert build_config(doc, preset="cpu-small", sets=["normalize.task_cpus=1"]).section_hash("normalize") \
+        == base.section_hash("normalize")  # fmt: skip
+    assert build_config(doc, preset="cpu-small", sets=["normalize.resample=bicubic"]).section_hash(
+        "normalize"
+    ) != base.section_hash("normalize")
+    before = base.normalize.model_dump(mode="json", exclude={"task_cpus", "resample"})  # as hashed before
+    digest = hashlib.sha256(json.dumps({"normalize": before}, sort_keys=True).encode()).hexdigest()[:16]
+    assert base.section_hash("normalize") == digest
 
 
 def test_cli_validate(tmp_path, capsys):
