@@ -272,11 +272,19 @@ class MemberConfig(_Section):
 
 
 class TrainConfig(_Section):
+    _hashed_unless: ClassVar[dict[str, Any]] = {"lr_reference_batch": None}
+
     members: list[MemberConfig] = Field(
         default_factory=lambda: [MemberConfig(arch="resnet50"), MemberConfig(arch="efficientnet_b0")],
         description="The ensemble.",
     )
     batch_size: int = Field(32, ge=1)
+    lr_reference_batch: int | None = Field(
+        None, ge=1,
+        description="When set, the learning rates (lr_head, lr_finetune, members' own) are meant for a batch "
+        "of this size and scale with batch_size / lr_reference_batch (the linear scaling rule), so that a "
+        "GPU can take larger batches without retuning them.",
+    )  # fmt: skip
     head_epochs: int = Field(2, ge=0, description="Pass 1: head only, trunk frozen.")
     finetune_epochs: int = Field(6, ge=0, description="Pass 2: trunk unfrozen, lower learning rate.")
     lr_head: float = Field(1e-3, gt=0)

@@ -4,6 +4,7 @@ well above chance on generated data."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -233,3 +234,22 @@ def test_a_member_s_own_passes_and_augmentation_override_the_train_section():
     assert augment_of(cache, jobs["small_cnn"]).crop_scale == (cfg.train.augment_crop_min, 1.0)
     with pytest.raises(ConfigError, match=r"lr_finetune"):
         ingest_config("data", "out", "train.members=[{arch: small_cnn, lr_finetune: -1}]")
+
+
+def test_learning_rates_scale_with_the_batch_when_given_for_a_reference_batch():
+    """The linear scaling rule: rates meant for 64 images per batch, trained with 256, are 4x as large,
+    the members' own rates too; without a reference batch they are used as written."""
+    members = "[{arch: small_cnn, input_size: 48}, {arch: small_cnn, name: b, lr_head: 0.01}]"
+    sets = ["train.lr_head=0.001", "train.lr_finetune=0.0001", f"train.members={members}"]
+    plain = ingest_config("data", "out", *sets, "train.batch_size=256")
+    scaled = ingest_config("data", "out", *sets, "train.batch_size=256", "train.lr_reference_batch=64")
+    for cfg, factor in ((plain, 1), (scaled, 4)):
+        a, b = (member_params(cfg, m, m.label, 8, "x") for m in cfg.train.members)
+        assert (a.lr_head, a.lr_finetune, b.lr_head) == pytest.approx(
+            (0.001 * factor, 0.0001 * factor, 0.01 * factor)
+        )
+    # Runs made before the setting existed keep their key while it is unset.
+    assert plain.section_hash("train") != scaled.section_hash("train")
+    before = plain.train.model_dump(mode="json", exclude={"lr_reference_batch"})
+    digest = hashlib.sha256(json.dumps({"train": before}, sort_keys=True).encode()).hexdigest()[:16]
+    assert plain.section_hash("train") == digest

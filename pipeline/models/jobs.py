@@ -45,12 +45,13 @@ def member_params(cfg: RunConfig, m: MemberConfig, name: str, classes: int, mode
     sets them, everything else from ``train``; ``overrides`` replace any of them (the evaluation's epochs
     and selection rule)."""
     t = cfg.train
+    scale = t.batch_size / t.lr_reference_batch if t.lr_reference_batch else 1.0  # linear scaling rule
     settings: dict[str, Any] = dict(
         member=name, arch=m.arch, classes=classes, model_dir=model_dir, head=m.head, weights=m.weights,
         input_size=m.input_size or ARCHS[m.arch].default_size, batch_size=t.batch_size,
         head_epochs=own(m.head_epochs, t.head_epochs),
         finetune_epochs=own(m.finetune_epochs, t.finetune_epochs),
-        lr_head=own(m.lr_head, t.lr_head), lr_finetune=own(m.lr_finetune, t.lr_finetune),
+        lr_head=own(m.lr_head, t.lr_head) * scale, lr_finetune=own(m.lr_finetune, t.lr_finetune) * scale,
         weight_decay=t.weight_decay, schedule=t.schedule, unfreeze=t.unfreeze,
         patience=t.patience, select_by=t.select_by, seed=t.seed, threads=max(1, int(t.cpus_per_worker)),
     )  # fmt: skip
