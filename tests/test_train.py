@@ -17,7 +17,7 @@ from pipeline.config import ConfigError
 from pipeline.faults import FaultPlan
 from pipeline.ingest import ingest_stages
 from pipeline.models.data import Augment, ray_dataset, training_rows
-from pipeline.models.fit import DatasetCache, augment_of, concurrency, worker_request
+from pipeline.models.fit import DatasetCache, augment_of, concurrency, runs, worker_request
 from pipeline.models.jobs import make_jobs, member_params
 from pipeline.models.train_loop import (
     LoopState,
@@ -96,6 +96,10 @@ def tiny_run(ray_local, tmp_path_factory) -> Path:
     return out
 
 
+def report_key(out: Path, stage: str) -> str:
+    return json.loads((out / "stages" / stage / "_COMPLETE.json").read_text())["key"]
+
+
 def run_train(out: Path, *sets: str, faults: FaultPlan | None = None):
     cfg = ingest_config(out.parent / "data", out, *TINY, *sets)
     return run_stages(cfg, [*ingest_stages(), TrainStage()], faults or FaultPlan())
@@ -156,12 +160,19 @@ def test_out_of_fold_predictions_cover_every_train_image_once_per_member(tiny_ru
         assert (out / "models" / "resnet18" / f"fold-{fold}" / "best.pt").exists()
 
     # Other settings: the stage runs again and each model retrains instead of reusing the old weights.
-    report = run_train(out, "train.finetune_epochs=1")
+    # A second member, with one training at a time: both members' models go in one Ray Train run.
+    two = "train.members=[{arch: resnet18, input_size: 32}, {arch: small_cnn, input_size: 32}]"
+    report = run_train(out, "train.finetune_epochs=1", two, "train.concurrent_members=1")
     assert report.ran == ["train"]
     history = json.loads((out / "models" / "resnet18" / "history.json").read_text())
     assert [r["epoch"] for r in history["history"]] == [0, 1] and history["starts"] == [0]
     preds = manifests.read_manifest("predictions", str(out / "manifests" / "predictions.parquet"))
-    assert preds["fold"].isna().all() and len(preds) == int(images["split"].notna().sum())
+    labelled = int(images["split"].notna().sum())
+    assert preds["fold"].isna().all() and preds.groupby("member").size().to_dict() == {
+        "resnet18": labelled, "small_cnn": labelled}  # fmt: skip
+    key = report_key(out, "train")
+    runs_dir = {p.name for p in (out / "models" / "_ray").iterdir() if key in p.name}
+    assert runs_dir == {f"resnet18-{key}-and-1-more"}, runs_dir
 
 
 def test_training_batches_mix_the_classes_and_change_order_each_epoch(tiny_run):
@@ -202,6 +213,17 @@ def test_members_train_at_once_when_the_cluster_has_room_and_one_by_one_when_not
     # 1.5 CPUs held by workers leave nothing for the augmentation tasks: it would wait forever.
     with pytest.raises(ConfigError, match=r"train\.concurrent_members 3 .* 1\.5 CPUs"):
         concurrency(three, 4, {"CPU": 1.5}, False)
+
+
+def test_models_share_one_ray_train_run_per_slot_so_start_up_is_paid_once_per_slot():
+    """Three members of three models (full data and two folds) on one slot (a GPU that holds one training)
+    are one Ray Train run; on two slots, two runs; a member's models stay together and in order."""
+    members = [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert runs(members, 1) == [[0, 1, 2, 3, 4, 5, 6, 7, 8]]
+    assert runs(members, 2) == [[0, 1, 2, 6, 7, 8], [3, 4, 5]]
+    assert runs(members, 3) == members and runs(members, 8) == members
+    assert runs([[0], [1, 2, 3], [4]], 2) == [[1, 2, 3], [0, 4]]  # the largest first, then the emptiest run
+    assert runs([], 2) == []
 
 
 def test_selection_rules_keep_the_best_val_top1_or_the_least_val_loss():

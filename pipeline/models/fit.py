@@ -106,10 +106,11 @@ def fit_all(
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Train every (job, val rows) pair and predict its rows; returns their results in order.
 
-    A member's unfinished jobs (its full-data model and its fold models) are one Ray Train run that
-    trains them one after another, so its worker group starts once, not once per model (on 2 cores
-    that start-up is 16 to 28 s); as many such runs go at a time as the cluster holds (``concurrency``),
-    the next starting when one ends. Their datasets are prepared first (``DatasetCache``). Jobs finished
+    As many trainings go at a time as the cluster holds (``concurrency``), and each of those slots is one
+    Ray Train run that trains its models one after another (``runs``: a member's full-data and fold
+    models together, members beyond the slots spread over them), so a worker group starts once per
+    slot, not once per model (on 2 cores that start-up is 16 to 28 s). Their datasets are prepared
+    first (``DatasetCache``). Jobs finished
     in an earlier run with the same ``key`` (the calling stage's: its settings and the data it reads)
     are not trained again. ``augment``: the training augmentation, when not ``train``'s.
     """
@@ -132,14 +133,25 @@ def fit_all(
              describe_nodes(nodes))  # fmt: skip
     cache = DatasetCache(cfg, cfg.out, augment, task_cpus=share)
     prepared = {i: (jobs[i][0], cache.job(*jobs[i]), augment_of(cache, jobs[i][0])) for i in todo}
+    groups = runs(list(members.values()), at_once)
     with ThreadPoolExecutor(max_workers=at_once) as pool:
         done = pool.map(
             lambda own: fit_member([prepared[i] for i in own], cfg, key, stage, faults or FaultPlan()),
-            members.values(),
+            groups,
         )
-        for own, own_results in zip(members.values(), list(done), strict=True):
+        for own, own_results in zip(groups, list(done), strict=True):
             results.update(zip(own, own_results, strict=True))
     return [results[i] for i in range(len(jobs))]
+
+
+def runs(members: list[list[int]], slots: int) -> list[list[int]]:
+    """The Ray Train runs for ``members`` (each a list of job indices, kept together and in order) on
+    ``slots`` trainings at once: one run per slot, each member joining the run with the fewest models so
+    far, the members with the most models first (so that the runs take about as long as each other)."""
+    groups: list[list[int]] = [[] for _ in range(max(1, min(slots, len(members))))]
+    for own in sorted(members, key=len, reverse=True):
+        min(groups, key=len).extend(own)
+    return [g for g in groups if g]
 
 
 def fit_member(
