@@ -157,7 +157,7 @@ class PredictStage(Stage):
         rows = parts.read_parts("prelabels")
         if rows.empty:
             rows = pd.DataFrame(columns=manifests.load_schema("prelabels").names)
-        rows = rows.drop_duplicates("image_id")
+        rows = rows[rows["image_id"].isin(ok["image_id"])].drop_duplicates("image_id")
         rows = rows.sort_values(["unsure", "confidence"], ascending=[True, False]).reset_index(drop=True)
         manifests.write_manifest("prelabels", rows, ctx.manifest("prelabels"))
         self.write_export(ctx.out, rows, classes)
