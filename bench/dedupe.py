@@ -11,18 +11,22 @@ other objects on the same background) goes through
   copy), on drawn backgrounds and on real photographs (``--backgrounds``).
 Part 2 (verification signals): on the candidate pairs of the largest datasets (pHash within r, exact
   search), each candidate second signal at the threshold that makes the fewest errors on the drawn
-  backgrounds, applied unchanged to the photographs: how the one the stage uses was chosen.
+  backgrounds, applied unchanged to the photographs: how the one the stage uses was chosen. Among them
+  the cosine of pooled features of a pretrained network (efficientnet_lite0 with its ImageNet weights),
+  with the cost of its forward passes. ``--signals-only`` runs this part alone on the datasets a full
+  run generated.
 Part 3 (grouping alone): random 64-bit hashes with planted near pairs (distance uniform in 1..r):
   LSH (single process and on Ray Data) vs exact all-pairs search; time, recall against exact search,
   and growth per 10x.
 
 Run: ``make bench-dedupe`` or ``python bench/dedupe.py [--sizes 2000 10000] [--backgrounds synthetic
-real] [--hashes 1e4 1e5 1e6]``.
+real] [--hashes 1e4 1e5 1e6] [--signals-only]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -31,6 +35,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -46,6 +51,9 @@ from pipeline.evaluation.duplicates import (  # noqa: E402
     pairs_from_groups,
     true_duplicate_pairs,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 COPY_KINDS = ("exact", "resized", "recompressed", "cropped", "brightness")
 
@@ -176,9 +184,71 @@ def _signal_pairs(data: Path, out: Path, radius: int) -> tuple[pd.DataFrame, lis
     return frame, blobs
 
 
+FEATURE_ARCH = "efficientnet_lite0"
+FEATURE_SIDES = (128, 224)  # 128: the normalized blobs' short side (cpu-small); 224: the trunk's own
+FEATURE_BATCH = 64
+
+
+def _feature_signal(side: int) -> str:
+    return f"pooled {FEATURE_ARCH} features, {side} px (cosine)"
+
+
+@functools.cache
+def _feature_trunk() -> torch.nn.Module:
+    """The zoo member's trunk (the layers before global pooling and the head) with its installed ImageNet
+    weights, in evaluation mode."""
+    from pipeline.models.zoo import build_model
+
+    return build_model(FEATURE_ARCH, classes=1000, weights="DEFAULT").trunk.eval()
+
+
+def pooled_features(blobs: dict[int, bytes], side: int) -> tuple[dict[int, np.ndarray], dict]:
+    """Each blob squashed to ``side`` x ``side`` (bilinear, as the pipeline's evaluation decodes them),
+    normalized as the zoo's members expect, through the trunk in batches of ``FEATURE_BATCH``, averaged
+    over the feature map and scaled to unit length; with the seconds spent decoding and in the trunk."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from pipeline.models.data import normalize
+
+    trunk = _feature_trunk()
+    rows = list(blobs)
+    start = time.perf_counter()
+    pixels = np.stack(
+        [
+            np.asarray(
+                Image.open(io.BytesIO(blobs[r]))
+                .convert("RGB")
+                .resize((side, side), Image.Resampling.BILINEAR)
+            )
+            for r in rows
+        ]
+    )
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+    decode_s = time.perf_counter() - start
+    start = time.perf_counter()
+    vectors = []
+    with torch.no_grad():
+        for i in range(0, len(rows), FEATURE_BATCH):
+            fmap = trunk(normalize(images[i : i + FEATURE_BATCH]))
+            vectors.append(torch.nn.functional.normalize(fmap.mean(dim=(2, 3)), dim=1))
+    forward_s = time.perf_counter() - start
+    feats = torch.cat(vectors).numpy() if vectors else np.zeros((0, 0), np.float32)
+    cost = {
+        "images": len(rows),
+        "decode_s": round(decode_s, 2),
+        "forward_s": round(forward_s, 2),
+        "images_per_s": round(len(rows) / max(forward_s, 1e-9), 1),
+        "threads": torch.get_num_threads(),
+    }
+    return dict(zip(rows, feats, strict=True)), cost
+
+
 def _signals(frame: pd.DataFrame, blobs: dict[int, bytes]) -> pd.DataFrame:
     """Candidate second signals per pair on the normalized blobs, each oriented so that larger means more
-    alike."""
+    alike; ``attrs["cost"]`` holds the seconds of the network's signals and of the stage's check."""
     import io
 
     import imagehash
@@ -196,7 +266,9 @@ def _signals(frame: pd.DataFrame, blobs: dict[int, bytes]) -> pd.DataFrame:
     hashes = {
         r: (imagehash.dhash(im), imagehash.whash(im), imagehash.colorhash(im)) for r, im in images.items()
     }
+    start = time.perf_counter()
     thumbs = {r: neardup.thumbnail(data) for r, data in blobs.items()}
+    thumbnails_s = time.perf_counter() - start
     out = frame.copy()
     out["pHash alone"] = 0.0
     out["dHash + wHash + colour hash"] = [
@@ -215,7 +287,21 @@ def _signals(frame: pd.DataFrame, blobs: dict[int, bytes]) -> pd.DataFrame:
     pairs = np.array([(index[a], index[b]) for a, b in zip(frame["a"], frame["b"], strict=True)]).reshape(
         -1, 2
     )
+    start = time.perf_counter()
     out["local difference (the stage's)"] = -neardup.local_difference(stack, pairs)
+    cost = {
+        "local difference (the stage's)": {
+            "images": len(blobs),
+            "thumbnails_s": round(thumbnails_s, 3),
+            "pairs_s": round(time.perf_counter() - start, 3),
+        }
+    }
+    for side in FEATURE_SIDES:
+        feats, cost[_feature_signal(side)] = pooled_features(blobs, side)
+        out[_feature_signal(side)] = [
+            float(feats[a] @ feats[b]) for a, b in zip(frame["a"], frame["b"], strict=True)
+        ]
+    out.attrs["cost"] = cost
     return out
 
 
@@ -225,6 +311,7 @@ SIGNALS = (
     "NCC, grey 16 px",
     "SSIM, grey 32 px",
     "local difference (the stage's)",
+    *(_feature_signal(side) for side in FEATURE_SIDES),
 )
 
 
@@ -255,6 +342,8 @@ def signal_table(tune: tuple[Path, Path], test: list[tuple[str, Path, Path]], ra
             row[f"{name}_precision"] = round(float((keep & true).sum() / max(1, keep.sum())), 4)
             row[f"{name}_recall"] = round(float((keep & true).sum() / max(1, true.sum())), 4)
             row[f"{name}_pairs"] = f"{int(true.sum())} true of {len(true)}"
+            if sig in frame.attrs.get("cost", {}):
+                row[f"{name}_cost"] = frame.attrs["cost"][sig]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -347,6 +436,44 @@ def bench_ray_grouping(hashes: np.ndarray, radius: int, tables: int, bits: int) 
         return time.perf_counter() - start
 
 
+def signals_only(work: Path, n: int, backgrounds: list[str], radius: int) -> int:
+    """Part 2 alone on the generated data and normalized images of an earlier full run (no Ray: only the
+    normalize manifests and blobs are read); its rows replace ``signals`` in ``results.json``."""
+    largest: dict[str, tuple[Path, Path]] = {}
+    for b in backgrounds:
+        tag = f"{n}" if b == "synthetic" else f"{n}-{b}"
+        data, out = work / f"synth-{tag}", work / f"ours-{tag}"
+        missing = [
+            p
+            for p in (data / "ground_truth.parquet", out / "stages" / "normalize" / "images.parquet")
+            if not p.exists()
+        ]
+        if missing:
+            print(
+                f"--signals-only: {missing[0]} is missing; run the benchmark without it first",
+                file=sys.stderr,
+            )
+            return 2
+        largest[b] = (data, out)
+    if "synthetic" not in largest:
+        print(
+            "--signals-only: thresholds are tuned on the drawn backgrounds; include synthetic",
+            file=sys.stderr,
+        )
+        return 2
+    print(
+        f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{time.strftime('%Y-%m-%d')}, radius {radius}, signals on {n} images"
+    )
+    test = [(b, *largest[b]) for b in largest if b != "synthetic"]
+    rows = signal_table(largest["synthetic"], test, radius)
+    path = work / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["signals"] = rows
+    path.write_text(json.dumps(results, indent=2))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -362,7 +489,14 @@ def main() -> int:
     )
     parser.add_argument("--no-peer", action="store_true", help="skip imagededup")
     parser.add_argument("--work", default=str(REPO / "bench" / "out" / "dedupe"))
+    parser.add_argument(
+        "--signals-only",
+        action="store_true",
+        help="only part 2 (verification signals), on the largest datasets a full run left in --work",
+    )
     args = parser.parse_args()
+    if args.signals_only:
+        return signals_only(Path(args.work), max(args.sizes), args.backgrounds, args.radius)
     import ray
 
     from pipeline.config import DedupeConfig
