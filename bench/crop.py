@@ -40,6 +40,7 @@ from pipeline import manifests, storage
 from pipeline.actor_pool import batch_blocks
 from pipeline.config import build_config, load_config_file
 from pipeline.crop.worker import CropWorker, _to_tensor
+from pipeline.resume import KeyedFolder
 from pipeline.stages.base import RunContext
 from pipeline.stages.crop import CropStage, stage_rows
 from tests.crop_reference import Reference, ReferenceFCN, reference_rows
@@ -129,7 +130,7 @@ def main() -> int:
     doc = load_config_file(storage.join(args.run, "run.yaml"))
     cfg = build_config(doc | {"out": args.run})
     ctx = RunContext(cfg=cfg)
-    classes = json.loads(storage.read_text(ctx.uri("models", "classes.json")))
+    classes = manifests.read_classes(ctx.layout.classes)
     images = manifests.read_manifest("images", ctx.manifest("images"))
     rows = stage_rows(ctx, images, classes, set())
     rows = rows.assign(_size=rows["width"] * 100_000 + rows["height"]).sort_values("_size", kind="stable")
@@ -138,7 +139,7 @@ def main() -> int:
         rows = rows.head(args.images)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as parts:
-        settings = CropStage()._settings(ctx, classes, rows, parts)
+        settings = CropStage()._settings(ctx, classes, rows, KeyedFolder(parts, "bench"))
         settings.export, settings.threads = False, args.threads
         start = time.perf_counter()
         worker = CropWorker(settings)

@@ -17,6 +17,7 @@ from pipeline.crop.pyramid import Scale, ScaleGrid, ScaleMaps, window_boxes
 from pipeline.crop.worker import CropWorker, Settings
 from pipeline.models.data import normalize
 from pipeline.models.zoo import Classifier, build_model
+from pipeline.resume import KeyedFolder
 from tests import crop_reference as ref
 
 CLASSES = ["apple", "bread", "curry", "dumpling"]
@@ -87,7 +88,7 @@ def settings(mode: str, crop_models: str, **changes) -> Settings:
         out="-", classes=CLASSES, members=["a", "b"], folds=2, crop_models=crop_models, method="fcn_ensemble",
         mode=mode, baselines=["centre", "gradcam", "similarnet"], step=1.2, max_scale=2.0, early_stop=False,
         display_aspect=(0.5, 2.0), display_min_area=0.1, export=True, jpeg_quality=90, threads=1,
-        parts_dir="-",
+        parts=KeyedFolder("-", "-"),
     )  # fmt: skip
     for k, v in changes.items():
         setattr(s, k, v)

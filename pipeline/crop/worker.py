@@ -11,7 +11,6 @@ which images an actor gets and reads its part files back.
 from __future__ import annotations
 
 import io
-import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from pipeline.models.data import load_rgb, normalize
 from pipeline.models.zoo import Classifier
 from pipeline.names import UnsafeName
 from pipeline.reasons import Reason
+from pipeline.resume import KeyedFolder
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Settings:
     export: bool
     jpeg_quality: int
     threads: int
-    parts_dir: str
+    parts: KeyedFolder  # where each batch's crops and judgments go (the stage resumes from them)
     similarnet_rows: list[tuple[str, int]] = field(default_factory=list)  # (path, label index) of val images
 
 
@@ -140,11 +140,10 @@ class CropWorker:
         written = self._map(lambda e: self._export(batch.iloc[e[0]], pictures[e[0]], e[1]), exports)
         for (_, r), extra in zip(exports, written, strict=True):
             r.update(extra)
-        part = uuid.uuid4().hex
         manifests.write_table_atomic(_table([r for image_rows in crops for r in image_rows]),
-                                     storage.join(self.s.parts_dir, f"crops-{part}.parquet"))  # fmt: skip
+                                     self.s.parts.new_part("crops"))  # fmt: skip
         # The judged part goes last: an image counts as done only once both files exist.
-        manifests.write_table_atomic(_table(judged), storage.join(self.s.parts_dir, f"judged-{part}.parquet"))
+        manifests.write_table_atomic(_table(judged), self.s.parts.new_part("judged"))
         return pd.DataFrame({"image_id": batch["image_id"].to_numpy()})
 
     def decode(self, batch: pd.DataFrame) -> list[np.ndarray]:

@@ -87,7 +87,7 @@ class CropStage(Stage):
         KeyedFolder(ctx.layout.cropped, parts.key).claim()
         done = parts.read_parts("judged")
         todo = rows[~rows["image_id"].isin(set(done.get("image_id", [])))]
-        settings = self._settings(ctx, classes, rows, parts.uri)
+        settings = self._settings(ctx, classes, rows, parts)
         if len(todo):
             self._run_actors(cfg, settings, todo)
         crops, judged = parts.read_parts("crops"), parts.read_parts("judged")
@@ -164,7 +164,8 @@ class CropStage(Stage):
                                  cfg.train.folds, thresholds)  # fmt: skip
         return scored, summary, gate
 
-    def _settings(self, ctx: RunContext, classes: list[str], rows: pd.DataFrame, parts_dir: str) -> Settings:
+    def _settings(self, ctx: RunContext, classes: list[str], rows: pd.DataFrame,
+                  parts: KeyedFolder) -> Settings:  # fmt: skip
         cfg = ctx.cfg
         c = cfg.crop
         val = rows[rows["split"] == "val"].head(SIMILARNET_IMAGES)
@@ -176,7 +177,7 @@ class CropStage(Stage):
             display_aspect=tuple(c.display_aspect) if c.display_aspect else None,
             display_min_area=c.display_min_area,
             export=c.export, jpeg_quality=c.jpeg_quality, threads=max(1, int(c.cpus_per_actor)),
-            parts_dir=parts_dir,
+            parts=parts,
             similarnet_rows=list(zip(val["path"], val["label_idx"].astype(int), strict=True)),
         )  # fmt: skip
 
