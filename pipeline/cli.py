@@ -202,10 +202,10 @@ def _print_logs(cfg: RunConfig) -> None:
     import os
 
     from pipeline.layout import RunLayout
-    from pipeline.runner import RAY_LOG, ray_session_logs
+    from pipeline.runner import ray_session_logs
 
-    log_file = f"{RunLayout(cfg.out).logs}/{RAY_LOG}"
-    if not os.path.exists(log_file):
+    log_file = RunLayout(cfg.out).ray_log
+    if not os.path.exists(log_file.removeprefix("file://")):
         return
     session = ray_session_logs()
     workers = f"; its workers' output: {session}" if session else ""

@@ -17,7 +17,7 @@ reader finds every file of a run below::
     OUT/cropped/<split>/<class>/      the cropped dataset
     OUT/export/                       files for annotators
     OUT/report/                       the HTML report
-    OUT/logs/                         Ray's log lines of the run
+    OUT/logs/ray.log                  Ray's log lines of the run
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ class RunLayout:
         return self.uri("metrics.json")
 
     @property
-    def logs(self) -> str:
-        return self.uri("logs")
+    def ray_log(self) -> str:
+        """The driver's Ray log lines of the run (kept off the console)."""
+        return self.uri("logs", "ray.log")
 
     # -- manifests and the stages' own files
     def manifest(self, name: str) -> str:
@@ -89,10 +90,6 @@ class RunLayout:
     def normalized_images(self) -> str:
         """One row per candidate after fetching and normalizing (schema ``images``)."""
         return storage.join(self.stage_dir("normalize"), "images.parquet")
-
-    @property
-    def normalize_ledger(self) -> str:
-        return storage.join(self.stage_dir("normalize"), "ledger")
 
     @property
     def deduped_images(self) -> str:

@@ -23,20 +23,19 @@ from pipeline.watchdog import Watchdog
 log = logging.getLogger("cropclean")
 
 
-RAY_LOG = "ray.log"
 _RAY_LOG_HANDLER = "cropclean-ray-log"
 
 
-def ensure_ray(cfg: RayConfig, logs: str | None = None) -> None:
+def ensure_ray(cfg: RayConfig, log_file: str | None = None) -> None:
     """Connect to the cluster named by the config or RAY_ADDRESS, else start a local instance.
 
     With neither, Ray itself connects to an instance that `ray start --head` left running on this
     machine, and refuses ``num_cpus``/``num_gpus`` then: the run connects without them and says, in one
     line, that they were ignored and what to do to have them.
 
-    The console is cropclean's: Ray's own log lines go to ``logs/ray.log`` (when ``logs`` is a local
-    folder), and its workers' output stays in Ray's session folder (``ray_session_logs()``) instead of
-    being echoed, line by line, between the stage lines.
+    The console is cropclean's: Ray's own log lines go to ``log_file`` (when it is a local path), and
+    its workers' output stays in Ray's session folder (``ray_session_logs()``) instead of being echoed,
+    line by line, between the stage lines.
     """
     import ray
 
@@ -56,18 +55,17 @@ def ensure_ray(cfg: RayConfig, logs: str | None = None) -> None:
             log.warning(existing_instance_warning(cfg, ray.get_runtime_context().gcs_address,
                                                   ray.cluster_resources()))  # fmt: skip
     configure_ray_data()
-    if logs is not None:
-        route_ray_logs(logs)
+    if log_file is not None:
+        route_ray_logs(log_file)
 
 
-def route_ray_logs(logs: str) -> str | None:
-    """Send the driver's Ray log lines (Ray Core, Data, Train) to ``logs/ray.log`` instead of the
-    console; returns the file, or None for a remote run folder (the lines stay on the console)."""
-    if "://" in logs and not logs.startswith("file://"):
+def route_ray_logs(log_file: str) -> str | None:
+    """Send the driver's Ray log lines (Ray Core, Data, Train) to ``log_file`` instead of the console;
+    returns its local path, or None for a remote run folder (the lines stay on the console)."""
+    if "://" in log_file and not log_file.startswith("file://"):
         return None
-    folder = logs.removeprefix("file://")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, RAY_LOG)
+    path = log_file.removeprefix("file://")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.set_name(_RAY_LOG_HANDLER)
@@ -186,7 +184,7 @@ def run_stages(cfg: RunConfig, stages: Sequence[Stage], faults: FaultPlan | None
     ctx = RunContext(cfg=cfg, faults=faults or FaultPlan.from_env())
     layout = ctx.layout
     storage.write_text_atomic(layout.run_config, cfg.to_yaml())
-    ensure_ray(cfg.ray, layout.logs)
+    ensure_ray(cfg.ray, layout.ray_log)
     report = RunReport()
     chain = ""
     for stage in stages:

@@ -149,3 +149,19 @@ def test_local_paths_become_absolute_since_ray_workers_run_elsewhere(tmp_path, m
     assert cfg.out == str(tmp_path / "runs" / "r1")
     assert [s.uri for s in cfg.sources] == [str(tmp_path / "data"), "s3://b/urls.csv"]
     assert [m.weights for m in cfg.train.members] == [str(tmp_path / "w" / "r18.pth"), "DEFAULT"]
+
+
+def test_cropclean_run_goes_as_far_as_the_config_s_own_sections_ask():
+    """A preset's sections do not count; every pipeline is the full one's stages in its order."""
+    from pipeline.pipelines import PIPELINES, STAGES, pipeline_for
+
+    doc = {"sources": [{"uri": "/data"}], "out": "/out", "preset": "cpu-small"}
+    assert pipeline_for(doc) == "ingest"
+    assert pipeline_for(doc | {"train": {"folds": 2}}) == "train"
+    assert pipeline_for(doc | {"train": {}, "blacklist": {"max_votes": 1}}) == "crop"
+    assert pipeline_for(doc | {"crop": {}}) == "crop"
+    assert pipeline_for(doc | {"crop": {}, "evaluate": {}}) == "clean"
+    full = PIPELINES["clean"]
+    assert set(full) == set(STAGES) and full[-1] == "report"
+    for order in PIPELINES.values():
+        assert [s for s in full if s in order] == list(order)

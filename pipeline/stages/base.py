@@ -8,7 +8,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pipeline import storage
 from pipeline.config import RunConfig
 from pipeline.faults import FaultPlan
 from pipeline.layout import RunLayout
@@ -30,9 +29,6 @@ class RunContext:
     @property
     def layout(self) -> RunLayout:
         return RunLayout(self.cfg.out)
-
-    def uri(self, *parts: str) -> str:
-        return storage.join(self.out, *parts)
 
     def stage_dir(self, stage: str) -> str:
         return self.layout.stage_dir(stage)
