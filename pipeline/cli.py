@@ -71,8 +71,6 @@ def _print_stage_notes(report: Any) -> None:
     if report.skipped:
         print(f"resumed: stages already complete and skipped: {', '.join(report.skipped)}")
     for name, result in report.results.items():
-        if name == "export":  # said with the annotator files (_print_crop)
-            continue
         for error in result.errors:
             print(f"warning: {name}: {error}", file=sys.stderr)
         if result.incomplete:
