@@ -180,7 +180,7 @@ def test_a_cached_page_is_checked_like_an_answer(tmp_path, monkeypatch):
     secret = tmp_path / "secret.jpg"
     secret.write_bytes(image_bytes("secret"))
     ctx = sources_context(tmp_path)
-    cache_dir = ctx.uri("cache", "search")
+    cache_dir = ctx.layout.search_cache
     page0 = _cache_uri(cache_dir, "brave", "ramen", 0)
     with BraveImageSearchServer({"ramen": ["http://127.0.0.1:9/img/fresh.jpg"]}, keys=KEY) as api:
         use(monkeypatch, "brave", api.endpoint)
