@@ -285,3 +285,64 @@ def test_guard_refuses_hosts_without_a_wire_form():
     for host in ("exa mple.com", "a..b", "exa\u200dmple.com", "x%41.com", "a" * 64 + ".com", ""):
         with pytest.raises(BadHost):
             guard.resolve(host, 80)
+
+
+def test_fetch_all_gives_each_url_its_own_outcome_once(fetcher, server):
+    paths = [f"/img/all-{i}.jpg" for i in range(12)] + ["/status/404", "/to-private", "/huge"]
+    urls = [server.url(p) for p in paths]
+    got = dict(fetcher.fetch_all(urls, 4))
+    assert sorted(got) == list(range(len(urls)))
+    for i, path in enumerate(paths):
+        alone = fetcher.fetch(urls[i])
+        assert (got[i].status, got[i].reason, got[i].data) == (alone.status, alone.reason, alone.data), path
+    assert all(got[i].status == Status.OK and decodes(got[i].data) for i in range(12))
+
+
+def test_fetch_all_keeps_at_most_at_once_downloads_that_the_caller_has_not_taken(server):
+    # Downloads that arrived but were not taken hold their slot: a caller that stops asking (busy with
+    # the first image) stops the fetching too, so bodies never pile up in memory.
+    f = Fetcher(FAST, NetworkGuard.from_cidrs(["127.0.0.1/32"]))
+    server.reset()
+    try:
+        outcomes = f.fetch_all([server.url(f"/img/held-{i}.jpg") for i in range(10)], 3)
+        first = next(outcomes)
+        assert first[1].status == Status.OK
+        assert wait_until(lambda: sum(server.hits.values()) >= 3)
+        time.sleep(0.5)  # time for a fourth request, were one to start (a slow machine makes fewer, not more)
+        assert sum(server.hits.values()) == 3
+        rest = list(outcomes)
+        assert sorted([first[0]] + [i for i, _ in rest]) == list(range(10))
+        assert sum(server.hits.values()) == 10
+        # The caller giving up midway cancels what has not started.
+        server.reset()
+        partial = f.fetch_all([server.url(f"/img/dropped-{i}.jpg") for i in range(10)], 2)
+        next(partial)
+        partial.close()
+        time.sleep(0.5)
+        assert sum(server.hits.values()) <= 2
+    finally:
+        f.close()
+
+
+def test_a_name_is_looked_up_once_per_request_and_connected_to_where_the_guard_said_yes(server):
+    # DNS rebinding: the name resolves to an allowed address when checked and to a private one after.
+    # The connection goes to the checked address (no second lookup by the HTTP client), and the next
+    # request's check sees the new answer and refuses it.
+    answers = [["127.0.0.1"], ["10.0.0.9"]]
+    asked: list[str] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return answers[min(len(asked), len(answers)) - 1]
+
+    guard = dataclasses.replace(NetworkGuard.from_cidrs(["127.0.0.1/32"]), resolver=resolver)
+    f = Fetcher(FAST, guard)
+    try:
+        got = f.fetch(f"http://flip.example:{server.port}/img/rebind.jpg")
+        assert got.status == Status.OK and decodes(got.data), got
+        assert asked == ["flip.example"]
+        got = f.fetch(f"http://flip.example:{server.port}/img/rebind.jpg")
+        assert (got.status, got.reason) == (Status.REJECTED, Reason.BLOCKED_PRIVATE_ADDRESS)
+        assert asked == ["flip.example", "flip.example"]
+    finally:
+        f.close()

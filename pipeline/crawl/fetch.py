@@ -1,4 +1,4 @@
-"""A polite, guarded HTTP fetcher for image URLs (urllib3, one pool per host and address).
+"""A polite, guarded HTTP fetcher for image URLs, non-blocking (aiohttp on one event loop per fetcher).
 
 Per URL: connect and read timeouts and a total deadline; retries with exponential backoff and jitter on
 429, 5xx and timeouts, honouring Retry-After; redirects followed by hand (at most ``max_redirects``) so
@@ -10,29 +10,34 @@ Nothing a URL or a server sends makes ``fetch`` raise: a URL that does not parse
 broken IPv6 literal, a host with no IDNA form) is ``bad_url``, final; a redirect's Location gets the
 same treatment; header values that make no sense (``Retry-After: soon``) are ignored. Host names go on
 the wire IDNA-encoded and paths percent-encoded, whatever the URL held.
+
+Every request of a fetcher runs on its own event loop, in a thread of its own: socket waits cost no
+thread hand-offs, and connections are kept per host. ``fetch`` may be called from any thread;
+``fetch_all`` keeps many URLs in flight while its caller works on the ones already there.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import math
+import queue
 import random
+import socket
+import ssl
 import threading
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
+import weakref
+from collections.abc import Coroutine, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 from urllib.parse import quote, urljoin, urlsplit
 
+import aiohttp
 import certifi
-import urllib3
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    DecodeError,
-    HTTPError,
-    NewConnectionError,
-    ProtocolError,
-    ReadTimeoutError,
-)
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.http_exceptions import ContentEncodingError
+from yarl import URL
 
 from pipeline.crawl.guard import BadHost, BlockedAddress, NetworkGuard, ResolveError, ascii_host
 from pipeline.reasons import RETRYABLE, Reason, Status, http_reason
@@ -43,6 +48,9 @@ _AI_OPTOUTS = ("noai", "noimageai")
 # control characters and everything beyond ASCII are percent-encoded (as UTF-8), as browsers do.
 _WIRE_SAFE = "".join(map(chr, range(0x21, 0x7F)))
 _DETAIL_CHARS = 200
+# Header lines as long as http.client accepts (aiohttp's own default is 8190 bytes).
+_MAX_HEADER_LINE = 65536
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -98,23 +106,22 @@ class _Abort(Exception):
 
 @dataclass
 class _HostGate:
-    """Caps concurrent requests to one host and spaces them by a delay."""
+    """Caps concurrent requests to one host and spaces them by a delay (used on the fetcher's loop only)."""
 
-    slots: threading.Semaphore
+    slots: asyncio.Semaphore
     delay: float
-    lock: threading.Lock = field(default_factory=threading.Lock)
     next_start: float = 0.0
 
-    def __enter__(self) -> None:
-        self.slots.acquire()
+    async def __aenter__(self) -> None:
+        await self.slots.acquire()
         if self.delay:
-            with self.lock:
-                wait = self.next_start - time.monotonic()
-                self.next_start = max(self.next_start, time.monotonic()) + self.delay
+            now = time.monotonic()
+            wait = self.next_start - now
+            self.next_start = max(self.next_start, now) + self.delay
             if wait > 0:
-                time.sleep(wait)
+                await asyncio.sleep(wait)
 
-    def __exit__(self, *exc: object) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         self.slots.release()
 
 
@@ -146,15 +153,6 @@ def detail_text(text: str) -> str:
     text = "".join(ch if ch.isprintable() else " " for ch in text)
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 3] + "..."
-
-
-def _header_text(value: str) -> str:
-    """A header value as text. http.client reads header bytes as Latin-1; servers that put non-ASCII in a
-    Location send UTF-8, so read those bytes as UTF-8 where they are."""
-    try:
-        return value.encode("latin-1").decode("utf-8")
-    except UnicodeError:
-        return value
 
 
 def _bad_url(detail: str) -> FetchOutcome:
@@ -203,53 +201,133 @@ def _target(url: str) -> _Target:
     return _Target(scheme, host, port, path, host_header)
 
 
+class _CheckedAddresses(AbstractResolver):
+    """aiohttp's resolver: the address the network guard checked for a host, never a new lookup. A name
+    that resolves differently the second time (DNS rebinding) still connects where the guard said yes."""
+
+    def __init__(self) -> None:
+        self.checked: dict[tuple[str, int], str] = {}
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        ip = self.checked.get((host.lower(), port))
+        if ip is None:  # every request records its host first: this is a defect, not a URL's fault
+            raise OSError(f"{host}:{port} was not checked by the network guard")
+        return [ResolveResult(hostname=host, host=ip, port=port,
+                              family=socket.AF_INET6 if ":" in ip else socket.AF_INET,
+                              proto=0, flags=socket.AI_NUMERICHOST)]  # fmt: skip
+
+    async def close(self) -> None:
+        pass
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True
+
+
+class _Loop:
+    """An event loop in a daemon thread, with the fetcher's HTTP session; stopped by ``close``."""
+
+    def __init__(self, params: FetchParams, resolver: _CheckedAddresses) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="cropclean-fetch", daemon=True)
+        self.thread.start()
+
+        async def open_session() -> aiohttp.ClientSession:
+            connector = aiohttp.TCPConnector(
+                resolver=resolver, use_dns_cache=False, limit=0, limit_per_host=0,
+                ssl=ssl.create_default_context(cafile=certifi.where()),
+            )  # fmt: skip
+            return aiohttp.ClientSession(
+                connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=True,
+                max_line_size=_MAX_HEADER_LINE, max_field_size=_MAX_HEADER_LINE,
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+            )  # fmt: skip
+
+        self.session = self.run(open_session())
+
+    def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``coro`` on the loop and wait for its result (from any thread but the loop's)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        if self.thread.is_alive():
+            try:
+                self.run(self.session.close())
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self.thread.join(10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
 class Fetcher:
-    """Thread-safe: one instance serves all the threads of a download task."""
+    """Thread-safe: one instance serves every thread of a download task; its requests share one loop."""
 
     def __init__(self, params: FetchParams, guard: NetworkGuard, seed: int = 0) -> None:
         self.params = params
         self.guard = guard
-        self._pools: dict[tuple[str, str, int, str], urllib3.HTTPConnectionPool] = {}
-        self._gates: dict[str, _HostGate] = defaultdict(self._new_gate)
-        self._lock = threading.Lock()
+        self._resolver = _CheckedAddresses()
+        self._gates: dict[str, _HostGate] = {}
         self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._running: _Loop | None = None
 
-    def _new_gate(self) -> _HostGate:
-        return _HostGate(threading.Semaphore(self.params.per_host), self.params.per_host_delay)
-
-    def _gate(self, host: str) -> _HostGate:
+    def _loop(self) -> _Loop:
         with self._lock:
-            return self._gates[host]
-
-    def _pool(self, scheme: str, host: str, port: int, ip: str) -> urllib3.HTTPConnectionPool:
-        key = (scheme, host, port, ip)
-        with self._lock:
-            pool = self._pools.get(key)
-            if pool is None:
-                if scheme == "https":
-                    pool = urllib3.HTTPSConnectionPool(
-                        ip, port, maxsize=self.params.per_host, block=False, server_hostname=host,
-                        assert_hostname=host, cert_reqs="CERT_REQUIRED", ca_certs=certifi.where(),
-                    )  # fmt: skip
-                else:
-                    pool = urllib3.HTTPConnectionPool(ip, port, maxsize=self.params.per_host, block=False)
-                self._pools[key] = pool
-            return pool
+            if self._running is None:
+                self._running = _Loop(self.params, self._resolver)
+                weakref.finalize(self, self._running.close)
+            return self._running
 
     def close(self) -> None:
         with self._lock:
-            for pool in self._pools.values():
-                pool.close()
-            self._pools.clear()
+            running, self._running = self._running, None
+        if running is not None:
+            running.close()
 
     def fetch(self, url: str) -> FetchOutcome:
         """Fetch ``url``; never raises, whatever the URL, the network or the server does."""
+        return self._loop().run(self.fetch_async(url))
+
+    def fetch_all(self, urls: Sequence[str], at_once: int) -> Iterator[tuple[int, FetchOutcome]]:
+        """Fetch every URL, ``at_once`` at a time; yields (index in ``urls``, outcome) as each arrives.
+        A download waiting to be taken counts towards ``at_once`` until the caller asks for the next
+        one, so bodies never pile up faster than the caller uses them."""
+        running = self._loop()
+        arrived: queue.SimpleQueue[tuple[int, FetchOutcome]] = queue.SimpleQueue()
+
+        async def one(i: int, url: str, slots: asyncio.Semaphore) -> None:
+            await slots.acquire()
+            arrived.put((i, await self.fetch_async(url)))
+
+        async def start() -> tuple[asyncio.Semaphore, list[asyncio.Task[None]]]:
+            slots = asyncio.Semaphore(max(1, at_once))
+            return slots, [asyncio.ensure_future(one(i, url, slots)) for i, url in enumerate(urls)]
+
+        slots, tasks = running.run(start())
+        try:
+            for _ in range(len(urls)):
+                yield arrived.get()
+                running.loop.call_soon_threadsafe(slots.release)
+        finally:  # the caller stopped early: nothing more starts
+            running.loop.call_soon_threadsafe(lambda: [task.cancel() for task in tasks])
+
+    async def fetch_async(self, url: str) -> FetchOutcome:
+        """``fetch`` on the fetcher's own loop."""
         p = self.params
         deadline = _Deadline(p.deadline)
         outcome = FetchOutcome(Status.FAILED, Reason.TIMEOUT, "deadline passed before the first try")
         for attempt in range(p.retries + 1):
             try:
-                outcome = self._follow(url, deadline)
+                outcome = await self._follow(url, deadline)
             except Exception as exc:  # a defect here, not the URL's fault: still one outcome, never a halt
                 outcome = FetchOutcome(
                     Status.FAILED, Reason.INTERNAL_ERROR, detail_text(f"{type(exc).__name__}: {exc}")
@@ -262,14 +340,14 @@ class Fetcher:
                 wait = max(wait, min(outcome.retry_after, p.max_retry_after))
             if wait >= deadline.left():
                 break
-            time.sleep(wait)
+            await asyncio.sleep(wait)
         return outcome
 
-    def _follow(self, url: str, deadline: _Deadline) -> FetchOutcome:
+    async def _follow(self, url: str, deadline: _Deadline) -> FetchOutcome:
         current = url
         for hop in range(self.params.max_redirects + 1):
             try:
-                response = self._request(current, deadline)
+                response = await self._request(current, deadline)
             except _Abort as abort:
                 if hop and abort.outcome.reason in (Reason.BAD_URL, Reason.UNSUPPORTED_SCHEME):
                     abort.outcome.detail = detail_text(f"redirected: {abort.outcome.detail}")
@@ -277,27 +355,27 @@ class Fetcher:
             if response.status in _REDIRECTS:
                 location = response.headers.get("Location")
                 response.close()  # its body is not wanted: drop the connection rather than read it
-                response.release_conn()
                 if not location or not location.strip():
                     return FetchOutcome(
                         Status.FAILED, http_reason(response.status), "redirect without Location"
                     )
-                try:
-                    current = urljoin(current, _header_text(location).strip())
+                try:  # header bytes arrive decoded as UTF-8 (others kept as surrogate escapes)
+                    current = urljoin(current, location.strip())
                 except ValueError as exc:  # the next hop is checked like the first: _target does the rest
                     return _bad_url(f"redirect to a malformed URL: {exc}")
                 continue
-            return self._read(response, current, deadline)
+            return await self._read(response, current, deadline)
         return FetchOutcome(
             Status.FAILED, Reason.TOO_MANY_REDIRECTS, f"more than {self.params.max_redirects}"
         )
 
-    def _request(self, url: str, deadline: _Deadline) -> urllib3.BaseHTTPResponse:
-        p = self.params
-        target = _target(url)
-        host, port = target.host, target.port
+    async def _checked_address(self, host: str, port: int) -> str:
+        """The guard's address for ``host`` (a lookup, when it is a name, off the loop's thread)."""
         try:
-            ip = str(self.guard.resolve(host, port)[0])
+            if _is_ip_literal(host):  # nothing to look up
+                found = self.guard.resolve(host, port)
+            else:
+                found = await asyncio.get_running_loop().run_in_executor(None, self.guard.resolve, host, port)
         except BlockedAddress as exc:
             raise _Abort(
                 FetchOutcome(Status.REJECTED, Reason.BLOCKED_PRIVATE_ADDRESS, detail_text(str(exc)))
@@ -306,33 +384,50 @@ class Fetcher:
             raise _Abort(_bad_url(str(exc))) from None
         except ResolveError as exc:
             raise _Abort(FetchOutcome(Status.FAILED, Reason.DNS_ERROR, detail_text(str(exc)))) from None
+        return str(found[0])
+
+    def _gate(self, host: str) -> _HostGate:
+        gate = self._gates.get(host)
+        if gate is None:
+            gate = _HostGate(asyncio.Semaphore(self.params.per_host), self.params.per_host_delay)
+            self._gates[host] = gate
+        return gate
+
+    async def _request(self, url: str, deadline: _Deadline) -> aiohttp.ClientResponse:
+        p = self.params
+        target = _target(url)
+        host, port = target.host, target.port
+        ip = await self._checked_address(host, port)
+        self._resolver.checked[(host, port)] = ip
         headers = {
             "Host": target.host_header,
             "User-Agent": p.user_agent,
             "Accept": "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.9,*/*;q=0.5",
             "Accept-Encoding": "gzip, deflate",
         }
+        netloc = f"[{host}]" if ":" in host else host
         gate, queued_at = self._gate(host), time.monotonic()
         try:
-            with gate:
+            async with gate:
                 deadline.extend(time.monotonic() - queued_at)
                 left = deadline.left()
                 if left <= 0:
                     raise _Abort(FetchOutcome(Status.FAILED, Reason.TIMEOUT, "total deadline passed"))
-                connect, read = min(p.connect_timeout, left), min(p.read_timeout, left)
-                timeout = urllib3.Timeout(connect=connect, read=read)
-                return self._pool(target.scheme, host, port, ip).urlopen(
-                    "GET", target.path, headers=headers, redirect=False, retries=False, timeout=timeout,
-                    preload_content=False, decode_content=True, assert_same_host=False,
+                timeout = aiohttp.ClientTimeout(
+                    total=None, sock_connect=min(p.connect_timeout, left), sock_read=min(p.read_timeout, left)
+                )
+                return await self._loop().session.get(
+                    URL(f"{target.scheme}://{netloc}:{port}{target.path}", encoded=True), headers=headers,
+                    allow_redirects=False, timeout=timeout,
                 )  # fmt: skip
-        except NewConnectionError as exc:  # refused, unreachable; urllib3 derives it from ConnectTimeoutError
-            raise _Abort(FetchOutcome(Status.FAILED, Reason.CONNECTION_ERROR, type(exc).__name__)) from None
-        except (ConnectTimeoutError, ReadTimeoutError, TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise _Abort(FetchOutcome(Status.FAILED, Reason.TIMEOUT, type(exc).__name__)) from None
-        except (ProtocolError, HTTPError, OSError) as exc:
+        except aiohttp.InvalidURL as exc:
+            raise _Abort(_bad_url(f"{type(exc).__name__}: {exc}")) from None
+        except (aiohttp.ClientError, OSError, ValueError) as exc:  # refused, unreachable, a broken answer
             raise _Abort(FetchOutcome(Status.FAILED, Reason.CONNECTION_ERROR, type(exc).__name__)) from None
 
-    def _read(self, response: urllib3.BaseHTTPResponse, url: str, deadline: _Deadline) -> FetchOutcome:
+    async def _read(self, response: aiohttp.ClientResponse, url: str, deadline: _Deadline) -> FetchOutcome:
         p = self.params
         complete = False
 
@@ -347,14 +442,14 @@ class Fetcher:
                            retry_after=_retry_after(response.headers.get("Retry-After")))  # fmt: skip
             if response.status != 200:
                 return end(Status.FAILED, http_reason(response.status), f"HTTP {response.status}")
-            if p.honor_robots and robots_optout(response.headers.getlist("X-Robots-Tag")):
+            if p.honor_robots and robots_optout(response.headers.getall("X-Robots-Tag", [])):
                 return end(Status.REJECTED, Reason.ROBOTS_OPTOUT, "X-Robots-Tag opts out of AI use")
             length = response.headers.get("Content-Length", "")
             if length.isdigit() and int(length) > p.max_bytes:
                 return end(Status.REJECTED, Reason.TOO_LARGE, f"Content-Length {length} > {p.max_bytes}")
             body = bytearray()
-            while chunk := response.read1(64 * 1024):
-                # read1 returns after one socket read, so a slow drip cannot outlive the deadline.
+            # Each read waits at most the read timeout (capped by the deadline when the request started).
+            while chunk := await response.content.readany():
                 body += chunk
                 if len(body) > p.max_bytes:  # decompressed bytes: a gzip bomb stops here too
                     return end(Status.REJECTED, Reason.TOO_LARGE, f"body over {p.max_bytes} bytes")
@@ -362,13 +457,28 @@ class Fetcher:
                     return end(Status.FAILED, Reason.TIMEOUT, "total deadline passed while reading")
             complete = True
             return end(Status.OK, data=bytes(body))
-        except (ReadTimeoutError, TimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             return end(Status.FAILED, Reason.TIMEOUT, "read timed out")
-        except DecodeError as exc:
-            return end(Status.REJECTED, Reason.NOT_AN_IMAGE, f"bad content encoding: {exc}")
-        except (ProtocolError, HTTPError, OSError) as exc:
+        except aiohttp.ClientPayloadError as exc:
+            if _bad_encoding(exc):
+                return end(Status.REJECTED, Reason.NOT_AN_IMAGE, f"bad content encoding: {exc}")
+            return end(Status.FAILED, Reason.CONNECTION_ERROR, type(exc).__name__)
+        except (aiohttp.ClientError, OSError) as exc:
             return end(Status.FAILED, Reason.CONNECTION_ERROR, type(exc).__name__)
         finally:
-            if not complete:  # an unread body must not go back to the pool with its connection
+            if complete:
+                response.release()
+            else:  # an unread body must not go back to the pool with its connection
                 response.close()
-            response.release_conn()
+
+
+def _bad_encoding(exc: BaseException) -> bool:
+    """Whether a payload error comes from content the server compressed wrongly."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, ContentEncodingError) or "content-encoding" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

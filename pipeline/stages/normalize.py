@@ -13,7 +13,6 @@ import io
 import time
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any, ClassVar
 
@@ -23,7 +22,7 @@ import pyarrow.ipc as ipc
 
 from pipeline import manifests, storage
 from pipeline.config import FetchConfig
-from pipeline.crawl.fetch import Fetcher, FetchParams, detail_text
+from pipeline.crawl.fetch import Fetcher, FetchOutcome, FetchParams, detail_text
 from pipeline.crawl.guard import NetworkGuard
 from pipeline.faults import FaultPlan
 from pipeline.imaging import Normalized, NormalizeParams, normalize_bytes
@@ -54,16 +53,20 @@ def _read_limited(locator: str, max_bytes: int) -> bytes | None:
 
 
 def obtain(
-    locator: str, fetcher: Fetcher | None, max_bytes: int, roots: Sequence[str] = ()
-) -> tuple[bytes | None, dict[str, Any]]:
+    locator: str, fetcher: Fetcher | None, max_bytes: int, roots: Sequence[str] = (),
+    fetched: FetchOutcome | None = None,
+) -> tuple[bytes | None, dict[str, Any]]:  # fmt: skip
     """The input's bytes, or None and the row fields saying why not.
 
-    An http(s) URL goes to the guarded fetcher; anything else is read only when it lies inside one of
-    ``roots`` (the folders of the candidate's source). The sources refuse other locators already; this
-    is the second check, so that no source can hand fsspec a chain, a scheme or a path elsewhere."""
+    An http(s) URL goes to the guarded fetcher, unless it was fetched already (``fetched``); anything
+    else is read only when it lies inside one of ``roots`` (the folders of the candidate's source). The
+    sources refuse other locators already; this is the second check, so that no source can hand fsspec a
+    chain, a scheme or a path elsewhere."""
     if is_http(locator):
-        assert fetcher is not None
-        got = fetcher.fetch(locator)
+        if fetched is None:
+            assert fetcher is not None
+            fetched = fetcher.fetch(locator)
+        got = fetched
         if got.status != Status.OK:
             return None, {"status": got.status, "reason": got.reason, "detail": got.detail}
         return got.data, {}
@@ -93,16 +96,16 @@ def obtain(
 
 
 def process_candidate(cand: dict[str, Any], params: NormalizeParams, max_bytes: int, out: str,
-                      fetcher: Fetcher | None = None,
-                      roots: Sequence[str] = ()) -> dict[str, Any]:  # fmt: skip
+                      fetcher: Fetcher | None = None, roots: Sequence[str] = (),
+                      fetched: FetchOutcome | None = None) -> dict[str, Any]:  # fmt: skip
     """One candidate row in, one images row out. Never raises for bad input: whatever goes wrong in
-    obtaining and validating it is a row with a reason (``roots``: see ``obtain``)."""
+    obtaining and validating it is a row with a reason (``roots``, ``fetched``: see ``obtain``)."""
     row: dict[str, Any] = {k: cand.get(k) for k in _CARRIED}
     row["attempts"] = int(cand.get("attempts") or 0) + 1
     if cand.get("reason"):  # refused where it entered: nothing is opened for it
         return row | {"status": Status.REJECTED, "reason": cand["reason"], "detail": cand.get("detail")}
     try:
-        data, failure = obtain(decode_locator(cand["locator"]), fetcher, max_bytes, roots)
+        data, failure = obtain(decode_locator(cand["locator"]), fetcher, max_bytes, roots, fetched)
         if data is None:
             detail = failure.get("detail")
             return row | failure | {"detail": None if detail is None else detail_text(str(detail))}
@@ -130,6 +133,17 @@ def process_candidate(cand: dict[str, Any], params: NormalizeParams, max_bytes: 
     }  # fmt: skip
 
 
+def _url_to_fetch(cand: dict[str, Any]) -> str | None:
+    """The candidate's http(s) URL, when it is one to download (not refused where it entered)."""
+    if cand.get("reason"):
+        return None
+    try:
+        locator = decode_locator(cand["locator"])
+    except Exception:  # process_candidate reports it
+        return None
+    return locator if is_http(locator) else None
+
+
 def _table_to_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     with ipc.new_stream(sink, table.schema) as writer:
@@ -149,19 +163,25 @@ def run_shard(item: dict[str, Any], *, params: NormalizeParams, max_bytes: int, 
     shard = int(item["shard"])
     faults.check(NormalizeStage.name, shard)
     cands = _table_from_bytes(item["rows"]).to_pylist()
-    fetcher = fetcher_for(fetch) if any(is_http(decode_locator(c["locator"])) for c in cands) else None
+    urls = {i: url for i, c in enumerate(cands) if (url := _url_to_fetch(c)) is not None}
+    rows: list[dict[str, Any] | None] = [None] * len(cands)
 
-    def one(c: dict[str, Any]) -> dict[str, Any]:
-        return process_candidate(c, params, max_bytes, out, fetcher, roots.get(c["source"], ()))
+    def one(i: int, fetched: FetchOutcome | None = None) -> None:
+        c = cands[i]
+        rows[i] = process_candidate(c, params, max_bytes, out, None, roots.get(c["source"], ()), fetched)
 
-    if fetcher is not None:
-        try:  # downloads wait on the network: many at once, order kept
-            with ThreadPoolExecutor(max_workers=fetch.concurrency) as pool:
-                rows = list(pool.map(one, cands))
+    for i in range(len(cands)):
+        if i not in urls:
+            one(i)
+    if urls:  # downloads wait on the network: many in flight on the fetcher's loop while this thread
+        # decodes and writes the ones that have arrived
+        fetcher = fetcher_for(fetch)
+        order = list(urls)
+        try:
+            for k, outcome in fetcher.fetch_all([urls[i] for i in order], fetch.concurrency):
+                one(order[k], outcome)
         finally:
             fetcher.close()
-    else:
-        rows = [one(c) for c in cands]
     table = pa.Table.from_pylist(rows, schema=manifests.load_schema("images").arrow_schema())
     manifests.write_manifest("images", table, storage.join(ledger_dir, f"part-{run_id}-{shard:06d}.parquet"))
     return {"shard": shard, "rows": len(rows)}
