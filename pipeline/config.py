@@ -135,7 +135,7 @@ class FetchConfig(_Section):
         "cropclean/0.1 (image dataset cleaning; honours X-Robots-Tag noai)",
         description="User-Agent sent with every request.",
     )
-    concurrency: int = Field(32, ge=1, description="Downloads in flight per download task (on its event loop).")
+    concurrency: int = Field(32, ge=1, description="Downloads in flight per download task (one event loop).")
     per_host: int = Field(8, ge=1, description="Concurrent requests to one host, per task.")
     per_host_delay: float = Field(
         0.0, ge=0, description="Seconds between request starts to one host, per task."

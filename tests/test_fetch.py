@@ -346,3 +346,105 @@ def test_a_name_is_looked_up_once_per_request_and_connected_to_where_the_guard_s
         assert asked == ["flip.example", "flip.example"]
     finally:
         f.close()
+
+
+def _tls_files(folder, names: list[str]) -> tuple[str, str, str]:
+    """A CA and a server certificate for ``names`` signed by it (PEM files in ``folder``)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(subject: str, key, issuer: str, issuer_key, ca: bool):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if ca:
+            builder = builder.add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+        else:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
+            )
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert("cropclean test CA", ca_key, "cropclean test CA", ca_key, ca=True)
+    leaf = cert(names[0], leaf_key, "cropclean test CA", ca_key, ca=False)
+    paths = [str(folder / n) for n in ("ca.pem", "leaf.pem", "leaf.key")]
+    pem = serialization.Encoding.PEM
+    for path, data in zip(paths, [ca.public_bytes(pem), leaf.public_bytes(pem), leaf_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())], strict=True):  # fmt: skip
+        with open(path, "wb") as fh:
+            fh.write(data)
+    return paths[0], paths[1], paths[2]
+
+
+def test_https_checks_the_certificate_against_the_name_while_connecting_to_the_checked_address(
+    tmp_path, monkeypatch
+):
+    # The connection goes to the address the guard checked (here a name the test's resolver maps to
+    # loopback), and TLS still verifies the server's certificate for the name in the URL (SNI included).
+    import http.server
+    import ssl
+    import threading
+
+    from pipeline.crawl import fetch as fetch_module
+    from tests.servers.hostile import image_bytes
+
+    ca, leaf, key = _tls_files(tmp_path, ["images.example"])
+    body = image_bytes("tls")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(leaf, key)
+    seen_names: list[str | None] = []
+    server_ctx.sni_callback = lambda sock, name, ctx: seen_names.append(name)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    httpd.socket = server_ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+
+    fetch_module._tls_context.cache_clear()
+    monkeypatch.setattr(fetch_module, "_tls_context", lambda: ssl.create_default_context(cafile=ca))
+    names = {"images.example": ["127.0.0.1"], "other.example": ["127.0.0.1"]}
+    guard = dataclasses.replace(
+        NetworkGuard.from_cidrs(["127.0.0.1/32"]), resolver=lambda host, port: names[host]
+    )
+    f = Fetcher(FAST, guard)
+    try:
+        got = f.fetch(f"https://images.example:{port}/photo.jpg")
+        assert got.status == Status.OK and got.data == body, got
+        assert "images.example" in seen_names
+        for wrong in (f"https://other.example:{port}/photo.jpg", f"https://127.0.0.1:{port}/photo.jpg"):
+            got = f.fetch(wrong)  # the certificate names neither
+            assert (got.status, got.reason) == (Status.FAILED, Reason.CONNECTION_ERROR), (wrong, got)
+            assert got.data is None
+    finally:
+        f.close()
+        httpd.shutdown()
