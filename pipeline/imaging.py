@@ -18,7 +18,13 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Our own pixel limit (NormalizeParams.max_pixels) decides; Pillow's warning would only add noise.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
-_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC}
+# The final resize's filters, sharpest (and slowest) first; bench/resample.py measures them.
+FILTERS = {
+    "lanczos": Image.Resampling.LANCZOS,
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "box": Image.Resampling.BOX,
+}
 _ROTATING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _EXIF_ORIENTATION = 0x0112
 
@@ -31,7 +37,7 @@ class NormalizeParams:
     resize_side: str = "short"
     upscale: bool = False
     jpeg_quality: int = 90
-    resample: str = "lanczos"  # lanczos | bicubic: the final resize's filter
+    resample: str = "lanczos"  # a key of FILTERS: the final resize's filter
 
 
 @dataclass
@@ -147,7 +153,7 @@ def normalize_bytes(data: bytes, p: NormalizeParams) -> Normalized | Rejected:
         return Rejected(reason, f"{type(exc).__name__}: {msg}", fmt, mode, ow, oh)
 
     if rgb.size != (tw, th):
-        rgb = rgb.resize((tw, th), _FILTERS[p.resample], reducing_gap=3.0)
+        rgb = rgb.resize((tw, th), FILTERS[p.resample], reducing_gap=3.0)
     pixels = np.asarray(rgb)
     pixel_sha = hashlib.sha256(pixels.tobytes() + repr(pixels.shape).encode()).hexdigest()
     buf = io.BytesIO()

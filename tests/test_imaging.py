@@ -206,3 +206,27 @@ def test_same_pixels_same_hashes():
     a = normalized(encode(photo(), "PNG"))
     b = normalized(encode(photo(), "PNG", compress_level=1))
     assert a.pixel_sha256 == b.pixel_sha256 and a.phash == b.phash
+
+
+def test_every_resize_filter_keeps_the_size_and_stays_close_to_a_full_size_lanczos():
+    # A real photograph (scikit-image's coffee, 600 x 400) as a JPEG: reduced-scale decode, then each filter.
+    from typing import get_args
+
+    from pipeline.config import NormalizeConfig
+    from pipeline.imaging import FILTERS
+
+    skimage_data = pytest.importorskip(
+        "skimage.data", reason="scikit-image (the dev extra) bundles the photo"
+    )
+    assert set(get_args(NormalizeConfig.model_fields["resample"].annotation)) == set(FILTERS)
+    original = Image.fromarray(skimage_data.coffee())
+    data = encode(original, "JPEG", quality=95)
+    reference = np.asarray(original.resize((192, 128), Image.Resampling.LANCZOS), dtype=np.float64)
+    psnr = {}
+    for name in FILTERS:
+        out = normalize_bytes(data, NormalizeParams(target_side=128, resample=name))
+        assert isinstance(out, Normalized) and (out.width, out.height) == (192, 128), name
+        stored = np.asarray(decoded(out), dtype=np.float64)
+        psnr[name] = 10 * np.log10(255.0**2 / np.mean((stored - reference) ** 2))
+    assert min(psnr.values()) > 30, psnr  # 31.0 (box) to 33.2 dB (lanczos) when written
+    assert psnr["lanczos"] >= psnr["bicubic"] >= psnr["bilinear"] >= psnr["box"], psnr  # sharpest first
