@@ -120,10 +120,10 @@ class NormalizeConfig(_Section):
     jpeg_quality: int = Field(90, ge=1, le=100, description="Quality of the re-encoded JPEG blobs.")
     shard_size: int = Field(512, ge=1, description="Images per task; also the unit of resume.")
     task_cpus: float = Field(
-        0.5, ge=0.25, le=64,
-        description="CPUs each normalize task asks Ray for. Below 1, several tasks share a core: each is a "
-        "process with a GIL of its own, so more of the fetch threads' Python runs at once (0.5: two per "
-        "core, 1.44x the downloads per second of 1 in bench/download.py; 0.25 was slower).",
+        1.0, ge=0.25, le=64,
+        description="CPUs each normalize task asks Ray for; below 1, several tasks (processes) share a "
+        "core. With downloads on an event loop, 0.5 was no faster than 1 in bench/download.py and took "
+        "0.45 GiB more memory on 2 cores.",
     )  # fmt: skip
     resample: Literal["lanczos", "bicubic", "bilinear", "box"] = Field(
         "lanczos",
@@ -275,7 +275,7 @@ class MemberConfig(_Section):
 
 
 class TrainConfig(_Section):
-    _hashed_unless: ClassVar[dict[str, Any]] = {"lr_reference_batch": None}
+    _hashed_unless: ClassVar[dict[str, Any]] = {"lr_reference_batch": None, "compile": False}
 
     members: list[MemberConfig] = Field(
         default_factory=lambda: [MemberConfig(arch="resnet50"), MemberConfig(arch="efficientnet_b0")],
@@ -323,6 +323,11 @@ class TrainConfig(_Section):
     concurrent_members: int | None = Field(None, ge=1, description="Trainings at once; default: what fits.")
     max_failures: int = Field(
         3, ge=0, description="Worker failures a training survives (resumes from checkpoint)."
+    )
+    compile: bool = Field(
+        False,
+        description="Train and validate through torch.compile (inductor): faster steps once compiled, at "
+        "the cost of compiling each model first (docs/training.md has the numbers).",
     )
     seed: int = 0
 

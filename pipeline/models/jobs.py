@@ -54,6 +54,7 @@ def member_params(cfg: RunConfig, m: MemberConfig, name: str, classes: int, mode
         lr_head=own(m.lr_head, t.lr_head) * scale, lr_finetune=own(m.lr_finetune, t.lr_finetune) * scale,
         weight_decay=t.weight_decay, schedule=t.schedule, unfreeze=t.unfreeze,
         patience=t.patience, select_by=t.select_by, seed=t.seed, threads=max(1, int(t.cpus_per_worker)),
+        compile=t.compile,
     )  # fmt: skip
     return TrainParams(**{**settings, **overrides})
 

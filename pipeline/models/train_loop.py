@@ -60,6 +60,7 @@ class TrainParams:
     select_by: str = "top1"  # top1 | loss: what "best on validation" means
     seed: int = 0
     threads: int = 1  # torch threads on CPU
+    compile: bool = False  # run the training and validation passes through torch.compile
     # The training batches' augmentation (``Augment``'s fields), done by the worker on its device; the
     # train dataset holds decoded uint8 images a little larger than input_size.
     augment: dict[str, Any] = field(default_factory=lambda: asdict(Augment()))
@@ -314,6 +315,8 @@ def train_part(p: TrainParams, part: dict[str, Any], saved: dict[str, Any] | Non
     # 1.4x a training step of small_cnn and resnet18 at 48 to 64 px, docs/benchmarks.md).
     model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
+    # The compiled module shares the model's parameters: weights are saved and loaded through ``model``.
+    runner = torch.compile(model) if p.compile else model
     if state.done and rank == 0:  # resumed after training, to predict: record this start too
         write_history(p, state)
     train_shard = ray.train.get_dataset_shard(part["train"])
@@ -337,11 +340,11 @@ def train_part(p: TrainParams, part: dict[str, Any], saved: dict[str, Any] | Non
         t0 = time.perf_counter()
         batches = train_batches(train_shard, p, epoch)
         train = run_epoch(
-            model, batches, device, optimizer, on_batch=lambda i, e=epoch: _maybe_die(p, state, e, i),
+            runner, batches, device, optimizer, on_batch=lambda i, e=epoch: _maybe_die(p, state, e, i),
             transform=augmenter(p, epoch, rank),
         )  # fmt: skip
         t1 = time.perf_counter()
-        val = run_epoch(model, val_shard.iter_torch_batches(batch_size=p.batch_size), device, None)
+        val = run_epoch(runner, val_shard.iter_torch_batches(batch_size=p.batch_size), device, None)
         t2 = time.perf_counter()
         improved = better(val, state, p.select_by)
         inner = model.module if hasattr(model, "module") else model
