@@ -128,8 +128,8 @@ class NormalizeConfig(_Section):
     resample: Literal["lanczos", "bicubic", "bilinear", "box"] = Field(
         "lanczos",
         description="Filter of the final resize (after a reduced-scale JPEG decode): lanczos is the "
-        "sharpest; bicubic, bilinear and box cost 13%, 22% and 25% less per image and lose 0.1-0.3, "
-        "0.6-1.5 and 1.4-3 dB of PSNR (bench/resample.py).",
+        "sharpest; bicubic, bilinear and box cost about 10%, 17% and 22% less per image at 128 px and lose "
+        "0.1-0.3, 0.6-1.6 and 1.4-3.0 dB of PSNR (bench/resample.py).",
     )  # fmt: skip
 
 
