@@ -19,6 +19,7 @@ thread hand-offs, and connections are kept per host. ``fetch`` may be called fro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import functools
 import math
@@ -313,7 +314,13 @@ class Fetcher:
 
         async def one(i: int, url: str, slots: asyncio.Semaphore) -> None:
             await slots.acquire()
-            arrived.put((i, await self.fetch_async(url)))
+            try:
+                outcome = await self.fetch_async(url)
+            except Exception as exc:  # never expected; the caller waits for every URL's outcome
+                outcome = FetchOutcome(
+                    Status.FAILED, Reason.INTERNAL_ERROR, detail_text(f"{type(exc).__name__}: {exc}")
+                )
+            arrived.put((i, outcome))
 
         async def start() -> tuple[asyncio.Semaphore, list[asyncio.Task[None]]]:
             slots = asyncio.Semaphore(max(1, at_once))
@@ -324,8 +331,9 @@ class Fetcher:
             for _ in range(len(urls)):
                 yield arrived.get()
                 running.loop.call_soon_threadsafe(slots.release)
-        finally:  # the caller stopped early: nothing more starts
-            running.loop.call_soon_threadsafe(lambda: [task.cancel() for task in tasks])
+        finally:  # the caller stopped early: nothing more starts (nothing to stop once the fetcher closed)
+            with contextlib.suppress(RuntimeError):
+                running.loop.call_soon_threadsafe(lambda: [task.cancel() for task in tasks])
 
     async def fetch_async(self, url: str) -> FetchOutcome:
         """``fetch`` on the fetcher's own loop."""
