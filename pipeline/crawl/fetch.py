@@ -266,6 +266,10 @@ class _Loop:
     def close(self) -> None:
         if self.loop.is_closed():
             return
+        if threading.current_thread() is self.thread:  # dropped by the loop's own thread: cannot wait
+            self.loop.create_task(self.session.close())
+            self.loop.call_soon(self.loop.stop)
+            return
         if self.thread.is_alive():
             try:
                 self.run(self.session.close())
@@ -287,11 +291,13 @@ class Fetcher:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._running: _Loop | None = None
+        self._session: aiohttp.ClientSession | None = None  # the running loop's; closed with it
 
     def _loop(self) -> _Loop:
         with self._lock:
             if self._running is None:
                 self._running = _Loop(self.params, self._resolver)
+                self._session = self._running.session
                 weakref.finalize(self, self._running.close)
             return self._running
 
@@ -431,7 +437,8 @@ class Fetcher:
                 timeout = aiohttp.ClientTimeout(
                     total=None, sock_connect=min(p.connect_timeout, left), sock_read=min(p.read_timeout, left)
                 )
-                return await self._loop().session.get(
+                assert self._session is not None  # requests run on the loop that opened it
+                return await self._session.get(
                     URL(f"{target.scheme}://{netloc}:{port}{target.path}", encoded=True), headers=headers,
                     allow_redirects=False, timeout=timeout,
                     ssl=_tls_context() if target.scheme == "https" else True,
