@@ -393,6 +393,8 @@ def _row(r: dict) -> str:
 
 
 def main() -> int:
+    from pipeline.imaging import FILTERS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     ap.add_argument("--peer-python", help="python of the environment with img2dataset (skipped when absent)")
@@ -401,7 +403,7 @@ def main() -> int:
     ap.add_argument("--ours", nargs="+", default=["32x256", "32x1024", "8x1024"],
                     help="cropclean settings, CONCURRENCYxSHARD_SIZE[xTASK_CPUS] (per_host = concurrency; "
                     "normalize.task_cpus, default 1)")  # fmt: skip
-    ap.add_argument("--resample", choices=["lanczos", "bicubic", "bilinear", "box"], default="lanczos",
+    ap.add_argument("--resample", choices=list(FILTERS), default="lanczos",
                     help="cropclean's normalize.resample")  # fmt: skip
     ap.add_argument("--threads", nargs="+", type=int, default=[256, 32], help="img2dataset thread counts")
     ap.add_argument("--repeats", type=int, default=3,

@@ -123,7 +123,7 @@ class NormalizeConfig(_Section):
         1.0, ge=0.25, le=64,
         description="CPUs each normalize task asks Ray for; below 1, several tasks (processes) share a "
         "core. With downloads on an event loop, 0.5 was no faster than 1 in bench/download.py and took "
-        "0.45 GiB more memory on 2 cores.",
+        "0.47 GiB more memory on 2 cores.",
     )  # fmt: skip
     resample: Literal["lanczos", "bicubic", "bilinear", "box"] = Field(
         "lanczos",

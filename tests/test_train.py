@@ -4,6 +4,7 @@ well above chance on generated data."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -25,6 +26,7 @@ from pipeline.models.train_loop import (
     better,
     make_optimizer,
     run_epoch,
+    runner_for,
     set_trainable,
     train_batches,  # fmt: skip
 )
@@ -302,7 +304,8 @@ def test_compiled_training_steps_match_eager_ones_and_weights_save_without_the_w
     counters.clear()
     results = []
     for model, compiled in ((eager, False), (twin, True)):
-        runner = torch.compile(model) if compiled else model
+        runner = runner_for(model, dataclasses.replace(p, compile=compiled))  # what train_part calls
+        assert (runner is model) != compiled
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         train = run_epoch(runner, batches, torch.device("cpu"), opt)

@@ -297,6 +297,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         storage.write_text_atomic(part_marker(p.model_dir, rank), json.dumps(finished))
 
 
+def runner_for(model: nn.Module, p: TrainParams) -> nn.Module:
+    """What the training and validation passes call: ``model``, or with ``p.compile`` its compiled
+    wrapper, which shares its parameters (weights are saved and loaded through ``model``)."""
+    return torch.compile(model) if p.compile else model
+
+
 def train_part(p: TrainParams, part: dict[str, Any], saved: dict[str, Any] | None, rank: int) -> None:
     """Train one model (resuming from ``saved``, its last checkpoint, when given) and predict."""
     import ray.train
@@ -315,8 +321,7 @@ def train_part(p: TrainParams, part: dict[str, Any], saved: dict[str, Any] | Non
     # 1.4x a training step of small_cnn and resnet18 at 48 to 64 px, docs/benchmarks.md).
     model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
-    # The compiled module shares the model's parameters: weights are saved and loaded through ``model``.
-    runner = torch.compile(model) if p.compile else model
+    runner = runner_for(model, p)
     if state.done and rank == 0:  # resumed after training, to predict: record this start too
         write_history(p, state)
     train_shard = ray.train.get_dataset_shard(part["train"])
